@@ -1,0 +1,111 @@
+"""The `synthalign` command. Thin: parse arguments, call the library, print. User errors (bad config,
+bad prompt file, unknown zoo model) print one clear message and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Synth-Align / PDS-DPO on Ray.")
+config_app = typer.Typer(no_args_is_help=True, help="Check configs.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Tiny offline random-weight models for tests and demos.")
+app.add_typer(config_app, name="config")
+app.add_typer(zoo_app, name="zoo")
+
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE (VALUE is YAML)")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _load(config: str, overrides: list[str] | None):
+    from synthalign_ray.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@config_app.command("validate")
+def config_validate(
+    config: Annotated[str, typer.Argument(help="YAML config file")],
+    overrides: SetOption = None,
+    show: Annotated[bool, typer.Option(help="print the validated config with defaults")] = False,
+):
+    """Validate a config (fields, model references, prompt file) without starting anything."""
+    from synthalign_ray.stages.prompts import PromptFileError, read_prompts
+
+    cfg = _load(config, overrides)
+    try:
+        rows, bad = read_prompts(cfg.prompts, cfg.seed)
+    except PromptFileError as e:
+        _fail(str(e))
+    for b in bad:
+        typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
+    if show:
+        typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    typer.echo(f"{config}: ok ({len(rows)} prompts, {len(bad)} skipped)")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    names: Annotated[Optional[list[str]], typer.Argument(help="models to build (default: all)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if built")] = False,
+    seed: int = 0,
+):
+    """Build tiny random-weight models into the zoo folder ($SYNTHALIGN_ZOO or ~/.cache/synthalign/zoo)."""
+    from synthalign_ray import zoo
+
+    for name in names or sorted(zoo.BUILDERS):
+        if name not in zoo.BUILDERS:
+            _fail(f"unknown zoo model {name!r}; known: {', '.join(sorted(zoo.BUILDERS))}")
+        typer.echo(f"{name}: {zoo.build(name, seed=seed, force=force)}")
+
+
+@zoo_app.command("list")
+def zoo_list():
+    """List zoo models and whether they are built."""
+    from synthalign_ray import zoo
+
+    for name, (_, description) in sorted(zoo.BUILDERS.items()):
+        state = "built" if zoo.is_built(name) else "not built"
+        typer.echo(f"{name:16s} {state:10s} {description}")
+
+
+@app.command()
+def generate(
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML config file")],
+    output: Annotated[str, typer.Option("--output", "-o", help="run folder or URI (s3://, gs://)")],
+    overrides: SetOption = None,
+):
+    """Generate the dataset of a config into OUTPUT; rerunning the same command resumes."""
+    from synthalign_ray.pipeline import generate as run
+    from synthalign_ray.stages.prompts import PromptFileError
+
+    cfg = _load(config, overrides)
+    try:
+        result = run(cfg, output, config_source=config)
+    except PromptFileError as e:
+        _fail(str(e))
+    c = result.counts
+    typer.echo(
+        f"{output}: {c['completed']}/{c['rows']} rows completed ({c['completed_this_run']} this run), "
+        f"{c['failed']} failed, {c['rejected_input_rows']} input rows rejected, in {result.seconds:.1f}s"
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

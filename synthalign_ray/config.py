@@ -1,0 +1,107 @@
+"""Typed run configuration: YAML file + `--set a.b=c` overrides, validated whole before anything starts.
+
+Sections are named after the stages (`prompts`, `images`, `image_scores`) plus `resources`; each stage
+module defines its own section model. Unknown keys, bad values, missing model paths and unreadable
+inputs raise `ConfigError`, whose message names the file and the dotted field, e.g.
+``configs/tiny.yaml: images.guidance_scales: guidance scales must be > 1 ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.stages.image_scores import ImageScoresConfig
+from synthalign_ray.stages.images import ImagesConfig
+from synthalign_ray.stages.prompts import PromptsConfig
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: printed without a traceback by the CLI."""
+
+
+class ResourcesConfig(StrictModel):
+    ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the run")
+    env: dict[str, str] = Field(default_factory=dict, description="environment of every Ray worker")
+
+
+class SynthAlignConfig(StrictModel):
+    seed: int = Field(0, ge=0, description="run seed: every image seed derives from it and the prompt id")
+    prompts: PromptsConfig
+    images: ImagesConfig
+    image_scores: ImageScoresConfig
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`images.guidance_scales=[5,7]` -> (["images", "guidance_scales"], [5, 7]); values are YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. images.steps=4")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"--set {text!r}: empty part in key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return path, parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"] == "missing":
+            message = "required, but missing"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthAlignConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or [])
+    # Relative prompt paths are relative to the config file's folder when they exist there: a config
+    # and its prompt file travel together (e.g. `ray job submit --working-dir`).
+    prompts = data.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
+        candidate = path.parent / prompts["path"]
+        if "://" not in prompts["path"] and not Path(prompts["path"]).is_absolute() and candidate.is_file():
+            prompts["path"] = str(candidate)
+    try:
+        return SynthAlignConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None

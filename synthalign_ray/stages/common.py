@@ -1,0 +1,167 @@
+"""What every model-backed stage shares: model references, actor-pool settings, and row-level failure
+isolation (a row whose stage raises is retried, then recorded as failed; the run goes on).
+
+Import-light on purpose: config validation imports this before any model library is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from synthalign_ray import zoo
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_model_ref(ref: str) -> str:
+    """A model reference is `zoo:NAME`, a local folder, or a hub id (`org/name`)."""
+    if ref.startswith(zoo.ZOO_PREFIX):
+        name = ref[len(zoo.ZOO_PREFIX) :]
+        if name not in zoo.BUILDERS:
+            raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(zoo.BUILDERS))}")
+        return ref
+    if Path(ref).expanduser().exists():
+        return ref
+    if ref.startswith(_PATH_PREFIXES) or not _HUB_ID.match(ref):
+        raise ValueError(f"model path {ref!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _in_hub_cache(ref):
+        raise ValueError(f"hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    return ref
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return any(repo.repo_id == repo_id for repo in scan_cache_dir().repos)
+    except Exception:  # no cache folder at all
+        return False
+
+
+ModelRef = Annotated[str, AfterValidator(check_model_ref)]
+
+
+def resolve_model_path(ref: str) -> str:
+    """The local folder behind a model reference (builds zoo models, fetches hub ids into the HF cache)."""
+    if ref.startswith(zoo.ZOO_PREFIX):
+        return zoo.resolve(ref)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(ref)
+
+
+class ActorPoolConfig(StrictModel):
+    """One autoscaling actor pool of a model-backed stage (Ray Data `map_batches` with an actor pool)."""
+
+    min_actors: int = Field(1, ge=1, description="replicas kept alive")
+    max_actors: int = Field(1, ge=1, description="replicas Ray Data may scale up to")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    batch_size: int = Field(4, ge=1, description="rows (prompts) per batch handed to one replica")
+    max_batch_retries: int = Field(1, ge=0, description="retries of a failing batch before rows are tried alone")
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        return dict(
+            compute=__import__("ray").data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            num_gpus=self.num_gpus,
+            num_cpus=self.num_cpus,
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+        )
+
+
+class RowStage:
+    """Base of every stage's callable class: adds columns to the rows that are still `ok`.
+
+    Subclasses set `output_fields` (the columns they add, with types) and implement `process(rows)`,
+    which gets the ok rows as dicts and returns one dict of new values per row. A batch that raises is
+    retried `max_batch_retries` times, then its rows are run one by one so that one bad row cannot take
+    its neighbours down; a row that still raises gets status `failed`, its error and the stage's name,
+    and travels on untouched (later stages skip it). Rows that failed earlier get nulls here.
+    """
+
+    name: str = "stage"
+    output_fields: list[pa.Field] = []
+
+    def __init__(self, max_batch_retries: int = 1):
+        self.max_batch_retries = max_batch_retries
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        ok_index = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
+        results: dict[int, dict[str, Any]] = {}
+        errors: dict[int, str] = {}
+        try:
+            outputs = self._with_retries([rows[i] for i in ok_index])
+            results.update(zip(ok_index, outputs))
+        except Exception as batch_error:  # isolate the bad rows
+            log.warning("%s: batch of %d failed (%s); retrying rows one by one", self.name, len(ok_index), batch_error)
+            for i in ok_index:
+                try:
+                    results[i] = self._checked([rows[i]])[0]
+                except Exception as row_error:
+                    errors[i] = f"{type(row_error).__name__}: {row_error}"
+        return self._assemble(table, results, errors)
+
+    def _checked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        outputs = self.process(rows)
+        if len(outputs) != len(rows):
+            raise RuntimeError(f"{self.name} returned {len(outputs)} results for {len(rows)} rows")
+        return outputs
+
+    def _with_retries(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not rows:
+            return []
+        for attempt in range(self.max_batch_retries):
+            try:
+                return self._checked(rows)
+            except Exception as error:
+                log.warning("%s: batch attempt %d failed (%s); retrying", self.name, attempt + 1, error)
+        return self._checked(rows)
+
+    def _assemble(self, table: pa.Table, results: dict[int, dict], errors: dict[int, str]) -> pa.Table:
+        n = table.num_rows
+        for field in self.output_fields:
+            values = [results[i][field.name] if i in results else None for i in range(n)]
+            table = table.append_column(field, pa.array(values, type=field.type))
+        if errors:
+            status = table.column("status").to_pylist()
+            error = table.column("error").to_pylist()
+            failed_stage = table.column("failed_stage").to_pylist()
+            for i, message in errors.items():
+                status[i], error[i], failed_stage[i] = STATUS_FAILED, message, self.name
+            for name, values in (("status", status), ("error", error), ("failed_stage", failed_stage)):
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        return table

