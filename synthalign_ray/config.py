@@ -35,7 +35,7 @@ class SynthAlignConfig(StrictModel):
     prompts: PromptsConfig
     images: ImagesConfig
     image_scores: ImageScoresConfig
-    resources: ResourcesConfig = ResourcesConfig()
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -67,9 +67,10 @@ def init_ray(cfg: SynthAlignConfig) -> None:
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} | cfg.resources.env
     if "SYNTHALIGN_ZOO" in os.environ:  # workers must find the same zoo as the driver
         env.setdefault("SYNTHALIGN_ZOO", os.environ["SYNTHALIGN_ZOO"])
+    joining = cfg.resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
     ray.init(
         address=cfg.resources.ray_address,
-        num_cpus=cfg.resources.num_cpus,
+        num_cpus=None if joining else cfg.resources.num_cpus,  # a running cluster's CPUs are its own
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )

@@ -43,9 +43,12 @@ def encode_image(image) -> dict[str, Any]:
 
 
 def decode_image(struct: dict[str, Any]):
+    """HF Image struct -> RGB PIL image (from `bytes`, else from `path`, as `datasets` does)."""
     from PIL import Image
 
-    return Image.open(io.BytesIO(struct["bytes"])).convert("RGB")
+    data = struct.get("bytes")
+    with Image.open(io.BytesIO(data) if data else struct["path"]) as opened:
+        return opened.convert("RGB")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

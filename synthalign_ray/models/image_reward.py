@@ -38,7 +38,7 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from synthalign_ray.zoo import CORPUS
+from synthalign_ray.zoo import wordpiece_vocab, write_wordpiece_vocab
 
 CHECKPOINT_FILE = "ImageReward.pt"
 MED_CONFIG_FILE = "med_config.json"
@@ -400,7 +400,6 @@ OFFICIAL_MED_CONFIG = {
     "encoder_width": 768,
     "add_cross_attention": True,
 }
-_BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: med_config's pad_token_id is 0
 _TOKENIZER_CONFIG = {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
 
 
@@ -417,8 +416,8 @@ def write_random_checkpoint(dest: Path, *, seed: int, vit: str = "tiny", text_la
     vit_shape = RANDOM_VIT_SHAPES[vit]
     dest.mkdir(parents=True, exist_ok=True)
 
-    vocab = _offline_vocab()
-    (dest / VOCAB_FILE).write_text("".join(f"{token}\n" for token in vocab))
+    vocab = wordpiece_vocab()
+    write_wordpiece_vocab(dest)
     (dest / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
     med_config = {
         **OFFICIAL_MED_CONFIG,
@@ -433,16 +432,6 @@ def write_random_checkpoint(dest: Path, *, seed: int, vit: str = "tiny", text_la
     }
     torch.save(state_dict, dest / CHECKPOINT_FILE)
     return dest
-
-
-def _offline_vocab() -> list[str]:
-    """A small WordPiece vocabulary: the zoo corpus' words, plus characters and suffixes so any word splits."""
-    characters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    punctuation = list(".,!?;:'\"-()/&")
-    suffixes = ["##s", "##es", "##ed", "##ing", "##er", "##ly", "##est", "##ful"]
-    pieces = [*_BERT_SPECIAL_TOKENS, *punctuation, *characters, *sorted(set(CORPUS)), *suffixes]
-    pieces += [f"##{character}" for character in characters]
-    return list(dict.fromkeys(pieces))
 
 
 def _official_shapes(vit: _VitShape, med_config: dict) -> dict[str, tuple[int, ...]]:

@@ -89,8 +89,10 @@ class ActorPoolConfig(StrictModel):
         return self
 
     def map_batches_kwargs(self) -> dict[str, Any]:
+        from ray.data import ActorPoolStrategy
+
         return dict(
-            compute=__import__("ray").data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            compute=ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             num_gpus=self.num_gpus,
             num_cpus=self.num_cpus,
             batch_size=self.batch_size,

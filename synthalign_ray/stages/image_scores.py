@@ -28,7 +28,7 @@ class ImageScoresConfig(StrictModel):
     blip: ModelRef | None = Field(None, description="BLIP retrieval model for the optional blip_scores column")
     select_by: Literal["image_reward", "clip", "blip"] = "image_reward"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    pool: ActorPoolConfig = ActorPoolConfig(batch_size=4)
+    pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=4))
 
     @model_validator(mode="after")
     def _selector_is_scored(self):

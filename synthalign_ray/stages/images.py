@@ -33,7 +33,7 @@ class ImagesConfig(StrictModel):
     negative_prompt: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_guidance: bool = Field(True, description="all guidance scales of a batch in one denoising call")
-    pool: ActorPoolConfig = ActorPoolConfig(batch_size=2)
+    pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=2))
 
     @field_validator("guidance_scales")
     @classmethod

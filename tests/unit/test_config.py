@@ -70,3 +70,12 @@ def test_unreadable_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(missing_section)
     assert "partial.yaml: prompts: required, but missing" in str(err.value)
+
+
+def test_paper_config_names_the_papers_settings(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    assert cfg.images.guidance_scales == [5.0, 7.0, 9.0, 11.0]
+    assert cfg.images.steps == 28
+    assert cfg.image_scores.model == "THUDM/ImageReward"
+    assert cfg.image_scores.select_by == "image_reward"
