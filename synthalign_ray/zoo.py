@@ -527,6 +527,37 @@ def _llava_backbone_configs(tokenizer, text_config_cls):
     return text, CLIPVisionConfig(**_LVLM_VISION_DIMS)
 
 
+def _lvlm_config_kwargs(tokenizer) -> dict:
+    """What LLaVA-1.5 and LLaVA-NeXT configs share (llava-hf's values)."""
+    return dict(
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+# Image and processor settings both LVLMs share: CLIP-style preprocessing at the tiny tile size.
+_LVLM_IMAGE_PROCESSOR_KWARGS = dict(
+    size={"shortest_edge": _LVLM_IMAGE_SIZE},
+    crop_size={"height": _LVLM_IMAGE_SIZE, "width": _LVLM_IMAGE_SIZE},
+    do_resize=True,
+    do_center_crop=True,
+    do_normalize=True,
+    do_convert_rgb=True,
+    image_mean=_CLIP_IMAGE_MEAN,
+    image_std=_CLIP_IMAGE_STD,
+    resample=3,
+)
+_LVLM_PROCESSOR_KWARGS = dict(
+    patch_size=_LVLM_PATCH_SIZE,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,  # the CLS token
+)
+
+
 @register("lvlm-llava", "LLaVA-1.5 (llava-hf layout): CLIP vision tower + MLP projector + Llama, random")
 def build_lvlm_llava(dest: Path, seed: int) -> None:
     from transformers import (
@@ -542,35 +573,16 @@ def build_lvlm_llava(dest: Path, seed: int) -> None:
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(_LVLM_IMAGE_SIZE // _LVLM_PATCH_SIZE) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **_lvlm_config_kwargs(tokenizer),
     )
     _seeded(seed)
     _save_with_hub_vision_keys(LlavaForConditionalGeneration(config), dest)
-    size = _LVLM_IMAGE_SIZE
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        do_resize=True,
-        do_center_crop=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        image_mean=_CLIP_IMAGE_MEAN,
-        image_std=_CLIP_IMAGE_STD,
-        resample=3,
-    )
     LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=CLIPImageProcessor(**_LVLM_IMAGE_PROCESSOR_KWARGS),
         tokenizer=tokenizer,
-        patch_size=_LVLM_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token
         chat_template=_LLAVA_15_CHAT_TEMPLATE,
+        **_LVLM_PROCESSOR_KWARGS,
     ).save_pretrained(dest)
 
 
@@ -593,37 +605,19 @@ def build_lvlm_llava_next(dest: Path, seed: int) -> None:
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=grid_pinpoints,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
         use_image_newline_parameter=True,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **_lvlm_config_kwargs(tokenizer),
     )
     _seeded(seed)
     _save_with_hub_vision_keys(LlavaNextForConditionalGeneration(config), dest)
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_grid_pinpoints=grid_pinpoints,
-        do_resize=True,
-        do_center_crop=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        do_pad=True,
-        image_mean=_CLIP_IMAGE_MEAN,
-        image_std=_CLIP_IMAGE_STD,
-        resample=3,
-    )
     LlavaNextProcessor(
-        image_processor=image_processor,
+        image_processor=LlavaNextImageProcessor(
+            image_grid_pinpoints=grid_pinpoints, do_pad=True, **_LVLM_IMAGE_PROCESSOR_KWARGS
+        ),
         tokenizer=tokenizer,
-        patch_size=_LVLM_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token
         chat_template=_LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
+        **_LVLM_PROCESSOR_KWARGS,
     ).save_pretrained(dest)
 
 

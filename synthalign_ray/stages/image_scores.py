@@ -78,12 +78,17 @@ class ImageScorer(RowStage):
         return out
 
 
-class _ClipScore:
-    def __init__(self, path: str, device: str, dtype):
-        from transformers import AutoProcessor, CLIPModel
+class _DualEncoderScore:
+    """Cosine similarity of a transformers dual encoder's image and text embeddings, per pair."""
 
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    model_class: str  # the transformers class the subclass loads
+
+    def __init__(self, path: str, device: str, dtype):
+        import transformers
+
+        self.processor = transformers.AutoProcessor.from_pretrained(path)
+        model_class = getattr(transformers, self.model_class)
+        self.model = model_class.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
 
     def __call__(self, prompts: list[str], images: list) -> list[float]:
@@ -91,28 +96,28 @@ class _ClipScore:
 
         inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
         with torch.inference_mode():
-            out = self.model(**inputs.to(self.device))
-            image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-            text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-        return (image * text).sum(-1).tolist()
+            return self.similarity(inputs.to(self.device)).float().tolist()
 
-
-class _BlipScore:
-    def __init__(self, path: str, device: str, dtype):
-        from transformers import AutoProcessor, BlipForImageTextRetrieval
-
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = BlipForImageTextRetrieval.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.device = device
-
-    def __call__(self, prompts: list[str], images: list) -> list[float]:
+    def similarity(self, inputs):
         import torch
 
-        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
-        with torch.inference_mode():
-            # use_itm_head=False: the ITC head, the cosine of the projected image and text features.
-            out = self.model(**inputs.to(self.device), use_itm_head=False)
-        return out.itm_score.diagonal().float().tolist()
+        out = self.model(**inputs)
+        image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+        text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        return (image * text).sum(-1)
+
+
+class _ClipScore(_DualEncoderScore):
+    model_class = "CLIPModel"
+
+
+class _BlipScore(_DualEncoderScore):
+    model_class = "BlipForImageTextRetrieval"
+
+    def similarity(self, inputs):
+        # use_itm_head=False: the ITC head, the cosine of the projected image and text features
+        # (a prompts x images matrix; its diagonal holds the pairs).
+        return self.model(**inputs, use_itm_head=False).itm_score.diagonal()
 
 
 class ImageSelector(RowStage):
