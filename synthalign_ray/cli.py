@@ -41,13 +41,17 @@ def config_validate(
     show: Annotated[bool, typer.Option(help="print the validated config with defaults")] = False,
 ):
     """Validate a config (fields, model references, prompt file) without starting anything."""
-    from synthalign_ray.stages.prompts import PromptFileError, read_prompts
+    from synthalign_ray.stages.instructions import missing_instructions
+    from synthalign_ray.stages.prompts import InputFileError, read_prompts
 
     cfg = _load(config, overrides)
     try:
         rows, bad = read_prompts(cfg.prompts, cfg.seed)
-    except PromptFileError as e:
+        missing = missing_instructions(cfg.instructions, [row["id"] for row in rows])
+    except InputFileError as e:
         _fail(str(e))
+    if missing:
+        typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
     for b in bad:
         typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
     if show:
@@ -85,21 +89,57 @@ def generate(
     config: Annotated[str, typer.Option("--config", "-c", help="YAML config file")],
     output: Annotated[str, typer.Option("--output", "-o", help="run folder or URI (s3://, gs://)")],
     overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard what OUTPUT holds and start afresh")] = False,
 ):
-    """Generate the dataset of a config into OUTPUT; rerunning the same command resumes."""
+    """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
+    from synthalign_ray.config import ConfigError
     from synthalign_ray.pipeline import generate as run
-    from synthalign_ray.stages.prompts import PromptFileError
+    from synthalign_ray.stages.prompts import InputFileError
 
     cfg = _load(config, overrides)
     try:
-        result = run(cfg, output, config_source=config)
-    except PromptFileError as e:
+        result = run(cfg, output, config_source=config, overwrite=overwrite)
+    except (ConfigError, InputFileError) as e:
         _fail(str(e))
     c = result.counts
     typer.echo(
-        f"{output}: {c['completed']}/{c['rows']} rows completed ({c['completed_this_run']} this run), "
-        f"{c['failed']} failed, {c['rejected_input_rows']} input rows rejected, in {result.seconds:.1f}s"
+        f"{output}: {c['rows']} rows -> {c['pairs']} pairs, {c['dropped']} dropped {c['dropped_by_reason']}, "
+        f"{c['failed']} failed {c['failed_by_stage']}; {c['processed_this_run']} processed this run, "
+        f"{c['rejected_input_rows']} input rows rejected, {result.seconds:.1f}s"
     )
+
+
+@app.command("export")
+def export(
+    run: Annotated[str, typer.Argument(help="run folder (its pairs/ is exported)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder for the JSON and images/")],
+    format: Annotated[str, typer.Option("--format", help="only llava: the LLaVA / PDS-DPO JSON")] = "llava",
+):
+    """Write the pairs of a run as LLaVA / PDS-DPO JSON (conversations, rejected_conversations) + images."""
+    from synthalign_ray.llava_format import export_llava
+
+    if format != "llava":
+        _fail(f"--format {format!r}: only 'llava' is supported")
+    result = export_llava(run, output)
+    typer.echo(f"{result.json_path}: {result.pairs} pairs, images in {result.images_dir} ({result.skipped} rows skipped)")
+
+
+@app.command("import")
+def import_(
+    json_file: Annotated[str, typer.Argument(help="LLaVA / PDS-DPO JSON (e.g. the published PDS-DPO data)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="run folder to write pairs/ into")],
+    images: Annotated[Optional[str], typer.Option("--images", help="image folder (default: images/ beside the JSON)")] = None,
+):
+    """Turn a LLaVA / PDS-DPO JSON into our Parquet pairs, so it can be trained on."""
+    from synthalign_ray import store
+    from synthalign_ray.llava_format import LlavaFormatError, import_llava
+
+    try:
+        table = import_llava(json_file, images)
+    except LlavaFormatError as e:
+        _fail(str(e))
+    store.write_table(store.join(output, store.FOLDERS["ok"], "imported.parquet"), store.with_hf_features(table))
+    typer.echo(f"{output}: {table.num_rows} pairs imported from {json_file}")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + `--set a.b=c` overrides, validated whole before anything starts.
 
-Sections are named after the stages (`prompts`, `images`, `image_scores`) plus `resources`; each stage
-module defines its own section model. Unknown keys, bad values, missing model paths and unreadable
+Sections are named after the stages (`prompts`, `images`, `image_scores`, `instructions`, `responses`,
+`response_scores`, `pairs`) plus `resources`; each stage module defines its own section model. Unknown keys, bad values, missing model paths and unreadable
 inputs raise `ConfigError`, whose message names the file and the dotted field, e.g.
 ``configs/tiny.yaml: images.guidance_scales: guidance scales must be > 1 ...``.
 """
@@ -17,7 +17,11 @@ from pydantic import Field, ValidationError
 from synthalign_ray.stages.common import StrictModel
 from synthalign_ray.stages.image_scores import ImageScoresConfig
 from synthalign_ray.stages.images import ImagesConfig
+from synthalign_ray.stages.instructions import InstructionsConfig
+from synthalign_ray.stages.pairs import PairsConfig
 from synthalign_ray.stages.prompts import PromptsConfig
+from synthalign_ray.stages.response_scores import ResponseScoresConfig
+from synthalign_ray.stages.responses import ResponsesConfig
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,10 @@ class SynthAlignConfig(StrictModel):
     prompts: PromptsConfig
     images: ImagesConfig
     image_scores: ImageScoresConfig
+    instructions: InstructionsConfig = Field(default_factory=InstructionsConfig)
+    responses: ResponsesConfig
+    response_scores: ResponseScoresConfig
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
@@ -94,13 +102,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthAl
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     data = apply_overrides(data, overrides or [])
-    # Relative prompt paths are relative to the config file's folder when they exist there: a config
-    # and its prompt file travel together (e.g. `ray job submit --working-dir`).
-    prompts = data.get("prompts")
-    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
-        candidate = path.parent / prompts["path"]
-        if "://" not in prompts["path"] and not Path(prompts["path"]).is_absolute() and candidate.is_file():
-            prompts["path"] = str(candidate)
+    # Relative input paths are relative to the config file's folder when they exist there: a config
+    # and its input files travel together (e.g. `ray job submit --working-dir`).
+    for section in ("prompts", "instructions"):
+        settings = data.get(section)
+        if isinstance(settings, dict) and isinstance(settings.get("path"), str):
+            relative = settings["path"]
+            candidate = path.parent / relative
+            if "://" not in relative and not Path(relative).is_absolute() and candidate.is_file():
+                settings["path"] = str(candidate)
     try:
         return SynthAlignConfig.model_validate(data)
     except ValidationError as e:

@@ -1,14 +1,24 @@
 """Builds and runs the Ray Data graph of a config: one row per prompt, streamed through actor pools.
 
     prompts.parquet -> ImageGenerator (pool) -> ImageScorer (pool) -> ImageSelector (tasks)
-                    -> StatusSplitDatasink (images/, failed/)
+                    -> InstructionWriter (tasks) -> one vLLM pool per LVLM (ray.data.llm)
+                    -> ResponseScorer (pool) -> PairBuilder (tasks)
+                    -> StatusSplitDatasink (pairs/, dropped/, failed/)
 
-Every selection is row-local (the K candidates sit in list columns of their row), so there is no
-groupby, shuffle or driver-side collect: memory stays flat as the prompt count grows.
+Every selection is row-local (the K images and M answers sit in list columns of their row), so there
+is no groupby, shuffle or driver-side collect: memory stays flat as the prompt count grows.
+
+Resume and exactly-once: the committed shards are the record of what is done. A rerun on the same
+output reads the ids of `pairs/` and `dropped/` (each shard is moved into place whole, so a killed run
+leaves whole shards or none), feeds only the other prompts through, and removes the old `failed/`
+shards first since those rows are tried again. The manifest is rebuilt from the shards at the end,
+with a check that no id occurs twice and that input = pairs + dropped + failed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -16,13 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synthalign_ray import store, zoo
-from synthalign_ray.config import SynthAlignConfig
-from synthalign_ray.stages.common import STATUS_FAILED, STATUS_OK
+from synthalign_ray.config import ConfigError, SynthAlignConfig
+from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
+from synthalign_ray.stages.instructions import InstructionWriter, missing_instructions
+from synthalign_ray.stages.pairs import PairBuilder
 from synthalign_ray.stages.prompts import prompts_table, read_prompts
+from synthalign_ray.stages.response_scores import ResponseScorer
+from synthalign_ray.stages.responses import add_responses
 
 log = logging.getLogger(__name__)
+
+
+class AccountingError(RuntimeError):
+    """The output does not hold every input row exactly once: a bug, never a user error."""
 
 
 @dataclass
@@ -38,6 +56,9 @@ def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
     for key in ("tokenizer", "clip", "blip"):
         if getattr(cfg.image_scores, key):
             refs[f"image_scores.{key}"] = getattr(cfg.image_scores, key)
+    for i, model in enumerate(cfg.responses.models):
+        refs[f"responses.models.{i}.model"] = model.model
+    refs["response_scores.model"] = cfg.response_scores.model
     return refs
 
 
@@ -50,13 +71,23 @@ def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
 def build_dataset(cfg: SynthAlignConfig, prompts_uri: str):
     import ray
 
+    def pure(stage):  # model-free stages run as Ray tasks
+        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True)
+
     ds = ray.data.read_parquet(prompts_uri)
     ds = ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
     ds = ds.map_batches(
         ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
     )
-    selector = ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])
-    return ds.map_batches(selector, batch_format="pyarrow", zero_copy_batch=True)
+    ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
+    ds = ds.map_batches(**pure(InstructionWriter(cfg.instructions)))
+    ds = add_responses(ds, cfg.responses, run_seed=cfg.seed)
+    ds = ds.map_batches(
+        ResponseScorer,
+        fn_constructor_kwargs={"cfg": cfg.response_scores},
+        **cfg.response_scores.pool.map_batches_kwargs(),
+    )
+    return ds.map_batches(**pure(PairBuilder(cfg.pairs)))
 
 
 def init_ray(cfg: SynthAlignConfig) -> None:
@@ -76,47 +107,103 @@ def init_ray(cfg: SynthAlignConfig) -> None:
     )
 
 
-def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = None) -> RunResult:
-    """Run the pipeline of `cfg` into `output` (a folder or URI) and write its manifest."""
+def config_fingerprint(cfg: SynthAlignConfig) -> str:
+    """What makes two runs' rows comparable: everything but where and with how many replicas they ran,
+    and how many prompts of the file were taken (growing a dataset with a higher limit is a resume)."""
+    data = cfg.model_dump(mode="json", exclude={"resources": True, "prompts": {"limit", "on_bad_rows"}})
+    for section in data.values():
+        if isinstance(section, dict):
+            section.pop("pool", None)
+            for model in section.get("models", []) or []:
+                model.pop("pool", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_config(cfg: SynthAlignConfig, output: str, overwrite: bool) -> None:
+    """Refuse to resume an output made with a different config (unless `overwrite`: start afresh)."""
+    manifest_uri = store.join(output, store.MANIFEST)
+    try:
+        previous = store.read_json(manifest_uri)
+    except FileNotFoundError:
+        previous = None
+    has_shards = any(store.list_shards(store.join(output, folder)) for folder in store.FOLDERS.values())
+    if overwrite:
+        for folder in store.FOLDERS.values():
+            store.remove_shards(store.join(output, folder))
+        return
+    if has_shards and previous is None:
+        raise ConfigError(f"{output} holds shards but no {store.MANIFEST}: not a run folder of this tool? (--overwrite to replace)")
+    if previous is not None and previous.get("config_fingerprint") != config_fingerprint(cfg):
+        raise ConfigError(
+            f"{output} was generated with a different config (fingerprint {previous.get('config_fingerprint')} "
+            f"vs {config_fingerprint(cfg)}); use another --output, or --overwrite to start it afresh"
+        )
+
+
+def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = None, overwrite: bool = False) -> RunResult:
+    """Run the pipeline of `cfg` into `output` (a folder or URI), resuming what is there; write the manifest."""
     import ray
 
     started = time.time()
     rows, bad_rows = read_prompts(cfg.prompts, cfg.seed)
     for bad in bad_rows:
         log.warning("%s: skipped %s", cfg.prompts.path, bad)
-    # Resume: rows completed by an earlier run of this output are kept and skipped; rows that failed
-    # then are tried again (their old records are removed first, so no id is written twice).
+    missing = missing_instructions(cfg.instructions, [row["id"] for row in rows])
+    if missing and cfg.instructions.on_missing == "fail":
+        raise ConfigError(
+            f"{cfg.instructions.path}: no instruction for {len(missing)} prompt id(s), e.g. {missing[:10]} "
+            "(instructions.on_missing=drop drops those rows instead)"
+        )
+    check_same_config(cfg, output, overwrite)
     done = store.committed_ids(output)
-    retried = store.remove_shards(store.join(output, store.FAILED_DIR))
+    retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
     todo = [row for row in rows if row["id"] not in done]
     if done:
-        log.info("resuming %s: %d rows already completed, %d to do (%d failed shards retried)", output, len(done), len(todo), retried)
+        log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), len(todo), retried)
     prompts_uri = store.join(output, store.PROMPTS_FILE)
     store.write_table(prompts_uri, prompts_table(todo))
+    # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
+    manifest = {
+        "config": cfg.model_dump(mode="json"),
+        "config_fingerprint": config_fingerprint(cfg),
+        "config_source": config_source,
+        "models": model_refs(cfg),
+        "versions": store.package_versions(),
+        "rejected_inputs": [{"line": b.line, "reason": b.reason} for b in bad_rows],
+        "outputs": {**{status: folder for status, folder in store.FOLDERS.items()}, "prompts": store.PROMPTS_FILE},
+    }
+    store.write_json(store.join(output, store.MANIFEST), {**manifest, "complete": False})
     prepare_zoo_models(cfg)
     init_ray(cfg)
 
     sink = store.StatusSplitDatasink(output)
     if todo:
         build_dataset(cfg, prompts_uri).write_datasink(sink)
-    counts = {
+    counts = accounting(output, rows, bad_rows, this_run=sink.counts)
+    manifest.update(counts=counts, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True)
+    store.write_json(store.join(output, store.MANIFEST), manifest)
+    return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
+
+
+def accounting(output: str, rows: list[dict], bad_rows: list, this_run: dict) -> dict[str, Any]:
+    """Counts over the whole output (all runs of it), checked: every input id there exactly once."""
+    totals, written, duplicates = store.output_counts(output)
+    if duplicates:
+        raise AccountingError(f"{output}: ids written more than once: {sorted(set(duplicates))[:10]}")
+    missing = {row["id"] for row in rows} - written
+    if missing:
+        raise AccountingError(f"{output}: {len(missing)} input rows have no outcome, e.g. {sorted(missing)[:10]}")
+    status = totals["status"]
+    return {
         "input_rows": len(rows) + len(bad_rows),
         "rejected_input_rows": len(bad_rows),
         "rows": len(rows),
-        "completed": len(done & {row["id"] for row in rows}) + sink.counts[STATUS_OK],
-        "completed_this_run": sink.counts[STATUS_OK],
-        "failed": sink.counts[STATUS_FAILED],
+        "pairs": status.get(STATUS_OK, 0),
+        "dropped": status.get(STATUS_DROPPED, 0),
+        "failed": status.get(STATUS_FAILED, 0),
+        "dropped_by_reason": totals["drop_reason"],
+        "failed_by_stage": totals["failed_stage"],
+        # Rows of earlier runs of this output whose prompts are not in this input (e.g. a lower limit).
+        "outside_input": len(written) - len(rows),
+        "processed_this_run": sum(this_run["status"].values()),
     }
-    manifest = {
-        "config": cfg.model_dump(mode="json"),
-        "config_source": config_source,
-        "models": model_refs(cfg),
-        "versions": store.package_versions(),
-        "counts": counts,
-        "rejected_inputs": [{"line": b.line, "reason": b.reason} for b in bad_rows],
-        "ray_version": ray.__version__,
-        "seconds": round(time.time() - started, 2),
-        "outputs": {"completed": store.OK_DIR, "failed": store.FAILED_DIR, "prompts": store.PROMPTS_FILE},
-    }
-    store.write_json(store.join(output, store.MANIFEST), manifest)
-    return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)

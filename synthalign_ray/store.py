@@ -1,8 +1,9 @@
 """Run output: image encoding, Parquet shards split by row status, the manifest.
 
 Layout of a run folder (local path or any pyarrow filesystem URI such as s3://bucket/run):
-  prompts.parquet   the validated input rows (reviewable; what the pipeline reads)
-  images/           rows that completed every stage, one Parquet file per written block
+  prompts.parquet   the validated prompt rows the last run processed (what the pipeline reads)
+  pairs/            rows that became preference pairs, one Parquet file per written block
+  dropped/          rows filtered out on purpose, with `drop_reason`
   failed/           rows a stage could not process, with `error` and `failed_stage`
   manifest.json     config, package versions, model references, counts
 """
@@ -20,12 +21,13 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from ray.data import Datasink
 
-from synthalign_ray.stages.common import STATUS_FAILED, STATUS_OK
+from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
 # The Hugging Face `datasets` Image feature's storage: `load_dataset("parquet")` decodes it to PIL.
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-OK_DIR = "images"
-FAILED_DIR = "failed"
+FOLDERS = {STATUS_OK: "pairs", STATUS_DROPPED: "dropped", STATUS_FAILED: "failed"}
+# Outcomes a resume keeps; failed rows are tried again.
+FINAL_STATUSES = (STATUS_OK, STATUS_DROPPED)
 MANIFEST = "manifest.json"
 PROMPTS_FILE = "prompts.parquet"
 
@@ -130,12 +132,31 @@ def list_shards(uri: str) -> list[str]:
 
 
 def committed_ids(output_uri: str) -> set[str]:
-    """Ids of rows already completed in a run folder: a rerun skips them (resume, exactly-once)."""
+    """Ids whose outcome (pair or drop) is committed in a run folder: a rerun skips them."""
     fs, _ = filesystem(output_uri)
     ids: set[str] = set()
-    for shard in list_shards(join(output_uri, OK_DIR)):
-        ids.update(pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist())
+    for status in FINAL_STATUSES:
+        for shard in list_shards(join(output_uri, FOLDERS[status])):
+            ids.update(pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist())
     return ids
+
+
+def output_counts(output_uri: str) -> tuple[dict[str, dict[str, int]], set[str], list[str]]:
+    """Over every committed shard of a run folder: counts by status, drop reason and failed stage, the
+    ids written, and the ids written more than once (exactly-once means none)."""
+    fs, _ = filesystem(output_uri)
+    counts = empty_counts()
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for folder in FOLDERS.values():
+        for shard in list_shards(join(output_uri, folder)):
+            table = pq.read_table(shard, columns=["id", *counts], filesystem=fs)
+            add_counts(counts, status_counts(table))
+            for row_id in table.column("id").to_pylist():
+                if row_id in seen:
+                    duplicates.append(row_id)
+                seen.add(row_id)
+    return counts, seen, duplicates
 
 
 def remove_shards(uri: str) -> int:
@@ -146,37 +167,58 @@ def remove_shards(uri: str) -> int:
     return len(shards)
 
 
-class StatusSplitDatasink(Datasink[dict[str, int]]):
-    """Ray Data datasink writing each block's ok rows to `images/` and failed rows to `failed/`.
+class StatusSplitDatasink(Datasink[dict[str, dict[str, int]]]):
+    """Ray Data datasink writing each block's rows to `pairs/`, `dropped/` or `failed/` by status.
 
     One Parquet file per block and destination, written to a temporary name and moved into place, so a
-    reader never sees a half-written shard. `write` returns per-status row counts, which Ray Data hands
-    to `on_write_complete`; the totals land in `self.counts` for the manifest.
+    reader never sees a half-written shard and a resume sees a block's rows all or not at all. `write`
+    returns row counts by status, drop reason and failed stage; Ray Data hands them to
+    `on_write_complete`, which adds them up in `self.counts` for the manifest.
     """
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
         self.write_id = uuid.uuid4().hex[:12]
-        self.counts: dict[str, int] = {STATUS_OK: 0, STATUS_FAILED: 0}
+        self.counts = empty_counts()
 
     def get_name(self) -> str:
         return "StatusSplitParquet"
 
-    def write(self, blocks, ctx) -> dict[str, int]:
+    def write(self, blocks, ctx) -> dict[str, dict[str, int]]:
         import pyarrow.compute as pc
 
-        counts = {STATUS_OK: 0, STATUS_FAILED: 0}
+        counts = empty_counts()
         for index, block in enumerate(blocks):
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            for status, folder in ((STATUS_OK, OK_DIR), (STATUS_FAILED, FAILED_DIR)):
+            for status, folder in FOLDERS.items():
                 part = table.filter(pc.equal(table.column("status"), status))
-                if part.num_rows:
-                    name = f"part-{self.write_id}-{ctx.task_idx:05d}-{index:03d}-{uuid.uuid4().hex[:8]}.parquet"
-                    write_table(join(self.output_uri, folder, name), with_hf_features(part))
-                    counts[status] += part.num_rows
+                if not part.num_rows:
+                    continue
+                name = f"part-{self.write_id}-{ctx.task_idx:05d}-{index:03d}-{uuid.uuid4().hex[:8]}.parquet"
+                write_table(join(self.output_uri, folder, name), with_hf_features(part))
+                add_counts(counts, status_counts(part))
         return counts
 
     def on_write_complete(self, write_result) -> None:
         for counts in write_result.write_returns:
-            for status, n in counts.items():
-                self.counts[status] += n
+            add_counts(self.counts, counts)
+
+
+def empty_counts() -> dict[str, dict[str, int]]:
+    return {"status": {}, "drop_reason": {}, "failed_stage": {}}
+
+
+def status_counts(table: pa.Table) -> dict[str, dict[str, int]]:
+    """Rows of a table by status, drop reason and failed stage."""
+    counts = empty_counts()
+    for key in counts:
+        for value in table.column(key).to_pylist():
+            if value is not None:
+                counts[key][value] = counts[key].get(value, 0) + 1
+    return counts
+
+
+def add_counts(total: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    for key, values in more.items():
+        for value, n in values.items():
+            total[key][value] = total[key].get(value, 0) + n

@@ -1,4 +1,4 @@
-"""vLLM behind Ray Data: a `ray.data.llm` processor that answers a text prompt about an image.
+"""vLLM behind Ray Data: `ray.data.llm` processors with this project's CPU/GPU defaults.
 
     processor = build_vision_language_processor("zoo:lvlm-llava", max_tokens=32)  # or a local/hub model
     answers = processor(ds)  # ds rows: {"id", "image": {"bytes", "path"}, "instruction"}
@@ -6,17 +6,23 @@
 
 Everything model-facing is Ray's own `ray.data.llm` (Ray 2.60): its chat-template stage renders the
 model's chat template from OpenAI-style messages (an image placeholder plus the prompt), and its vLLM
-stage runs the engine in an autoscaling actor pool. This module only adds what a Ray Dataset of images
-needs around it:
+stage runs the engine in an autoscaling actor pool. `build_engine_processor` is the one place that
+configures it; `build_vision_language_processor` (above) and the responses stage
+(`stages/responses.py`) both go through it. This module adds what a Ray Dataset of images needs:
 
-- decoding the HF datasets Image struct (`{"bytes": PNG, "path": ...}`) to a PIL image that goes to vLLM
-  as `multimodal_data`. Ray's own multimodal prepare stage is left off: it imports
-  `vllm.entrypoints.chat_utils`, which vLLM 0.32 moved.
-- a `finish_reason` column ("stop" or "length"), which Ray's vLLM stage does not return (see
-  `_finish_reason`).
-- CPU defaults: without a GPU in the cluster the engine actor asks for one CPU instead of one GPU (Ray's
+- `image_chat_request`: the HF datasets Image struct (`{"bytes": PNG, "path": ...}`) decoded to a PIL
+  image that goes to vLLM as `multimodal_data`, next to the chat messages. Ray's own multimodal prepare
+  stage is left off: it imports `vllm.entrypoints.chat_utils`, which vLLM 0.32 moved.
+- a finish reason ("stop" or "length"), which Ray's vLLM stage does not return (see `_finish_reason`).
+- CPU defaults: without a GPU the engine actor asks for one CPU per worker instead of one GPU (Ray's
   default bundle waits forever for a GPU), runs eagerly (no torch.compile on CPU) and gets a fixed KV
-  cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB).
+  cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB). With GPUs, `VLLMPoolConfig.num_gpus` may be a fraction
+  (several small engines on one GPU): vLLM's memory share then shrinks with it.
+- several samples per row (`multi_sample=True`): Ray's vLLM stage sends exactly one request per row
+  and keeps only the first completion, so N answers to the same prompt would otherwise need N engine
+  pools. `_multi_sample_udf` swaps in a subclass of Ray's stage UDF that sends one request per entry of
+  the row's `sampling_params_list` to the same engine (concurrently, so vLLM batches them and its
+  prefix cache shares the image prefill) and returns them as the row's `samples` list.
 
 Tokenization and detokenization run inside the vLLM engine (Ray's separate tokenize/detokenize stages are
 off): vLLM must see the image placeholder of each prompt to expand it into image tokens anyway, and two
@@ -28,11 +34,15 @@ a spawned process that re-imports the main module.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from synthalign_ray import zoo
+from synthalign_ray.stages.common import ReplicasConfig
 from synthalign_ray.store import decode_image
 
 # GiB of KV cache per CPU engine when neither the caller's runtime_env nor the driver's environment sets
@@ -42,6 +52,146 @@ DEFAULT_CPU_KVCACHE_GIB = "1"
 # of one CPU each deadlocks a 2-CPU node: the engine and chat-template actors hold both CPUs for the
 # whole run and the postprocess tasks never start.
 LIGHT_STAGE_CPUS = 0.25
+# vLLM's own default share of a GPU's memory for one engine.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+
+# Multi-sample protocol (multi_sample=True): rows going into the engine stage may carry a list of
+# sampling params (one request each); rows coming out carry the answers, in the same order, as dicts
+# {"text", "finish_reason" ("stop" | "length" | "error"), "token_ids", "error" (None or the message)}.
+SAMPLING_PARAMS_LIST = "sampling_params_list"
+SAMPLES = "samples"
+
+
+class VLLMPoolConfig(ReplicasConfig):
+    """The autoscaling pool of one vLLM engine: replicas, their devices, and rows per batch."""
+
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per replica (a fraction shares a GPU); 0 runs on CPU; "
+        "None: one GPU per tensor-parallel worker if the Ray cluster has GPUs, else CPU",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (workers) one engine is split across")
+    batch_size: int = Field(16, ge=1, description="rows per batch handed to an engine replica")
+
+    @model_validator(mode="after")
+    def _gpus_fit_workers(self):
+        if self.num_gpus is not None and self.num_gpus > self.tensor_parallel_size:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) > tensor_parallel_size ({self.tensor_parallel_size}): "
+                "a vLLM worker uses at most one GPU; raise tensor_parallel_size to split a model across GPUs"
+            )
+        return self
+
+
+def build_engine_processor(
+    model: str,
+    *,
+    preprocess: Callable[[dict[str, Any]], dict[str, Any]],
+    postprocess: Callable[[dict[str, Any]], dict[str, Any]],
+    pool: VLLMPoolConfig | None = None,
+    images_per_prompt: int = 1,
+    engine_kwargs: Mapping[str, Any] | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+    continue_on_error: bool = False,
+    multi_sample: bool = False,
+):
+    """A `ray.data.llm` Processor over a vLLM engine pool with this project's CPU/GPU defaults.
+
+    Args:
+        model: a local model folder, a hub id, or `zoo:NAME`.
+        preprocess / postprocess: Ray's row functions (see `ray.data.llm.build_processor`): preprocess
+            output is merged into the row (it must hold `messages` and `sampling_params`, e.g. from
+            `image_chat_request`), postprocess returns the output row of every row without an error.
+        pool: engine replicas, devices and batch size (default: one replica, GPU if the cluster has one).
+        images_per_prompt: vLLM's `limit_mm_per_prompt` for images (0 for a text-only model).
+        engine_kwargs: extra `vllm.AsyncEngineArgs` (dtype, max_model_len, ...) over the defaults.
+        runtime_env: Ray runtime env of the processor's actors (e.g. `env_vars`).
+        continue_on_error: a request that raises in the engine yields an error instead of failing the
+            job (Ray's `should_continue_on_error`). With `multi_sample` the error lands in that sample;
+            without, the row gets `__inference_error__` and bypasses postprocess.
+        multi_sample: one engine request per entry of a row's `sampling_params_list` (see the module
+            docstring); the answers come back in the row's `samples` list.
+    """
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    pool = pool or VLLMPoolConfig()
+    engine = dict(engine_kwargs or {})
+    if engine.setdefault("tensor_parallel_size", pool.tensor_parallel_size) != pool.tensor_parallel_size:
+        raise ValueError(
+            f"engine_kwargs.tensor_parallel_size ({engine['tensor_parallel_size']}) differs from the pool's "
+            f"({pool.tensor_parallel_size}); set it in the pool only"
+        )
+    if images_per_prompt:
+        engine.setdefault("limit_mm_per_prompt", {"image": images_per_prompt})
+    workers = engine["tensor_parallel_size"] * engine.get("pipeline_parallel_size", 1)
+
+    num_gpus = pool.num_gpus
+    if num_gpus is None:
+        # Connects to the job's cluster (or starts a local one) to read its resources; build_processor
+        # would init Ray anyway.
+        ray.init(ignore_reinit_error=True)
+        num_gpus = float(workers) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+    placement_group_config, engine_defaults = engine_devices(num_gpus, workers)
+    engine = {**engine_defaults, **engine}
+    env = dict((runtime_env or {}).get("env_vars", {}))
+    if num_gpus == 0:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB))
+
+    config = vLLMEngineProcessorConfig(
+        model_source=zoo.resolve(model),
+        engine_kwargs=engine,
+        batch_size=pool.batch_size,
+        concurrency=(pool.min_actors, pool.max_actors),
+        runtime_env={**(runtime_env or {}), "env_vars": env},
+        placement_group_config=placement_group_config,
+        should_continue_on_error=continue_on_error,
+        # True needs ray[serve] and a metrics port; batch jobs read Ray Data's own stats instead.
+        log_engine_metrics=False,
+        prepare_multimodal_stage=False,
+        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+    processor = build_processor(
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
+        postprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
+    )
+    if multi_sample:
+        name = next(name for name, stage in processor.stages.items() if name.startswith("vLLMEngineStage"))
+        # model_copy, not assignment: assigning a field re-runs the stage's validator, which then no
+        # longer sees the placement group (popped on the first run) and asks for a GPU.
+        processor.stages[name] = processor.stages[name].model_copy(update={"fn": _multi_sample_udf()})
+    return processor
+
+
+def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Ray placement group config and vLLM engine defaults of one replica with `num_gpus` GPUs (0: CPU)
+    over `workers` tensor/pipeline-parallel workers."""
+    if num_gpus == 0:
+        # Ray's default bundle asks for a GPU; vLLM-cpu cannot compile graphs.
+        return {"bundles": [{"CPU": 1} for _ in range(workers)]}, {"enforce_eager": True}
+    if num_gpus == workers:
+        return None, {}  # Ray's default: one {"GPU": 1, "CPU": 1} bundle per worker
+    per_worker = num_gpus / workers
+    engine = {}
+    if per_worker < 1:  # engines sharing a GPU: vLLM would otherwise claim 90% of its memory each
+        engine["gpu_memory_utilization"] = round(VLLM_GPU_MEMORY_UTILIZATION * per_worker, 4)
+    return {"bundles": [{"CPU": 1, "GPU": per_worker} for _ in range(workers)]}, engine
+
+
+def image_chat_request(prompt: str, image: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine inputs for one text prompt about one image (HF datasets Image struct, bytes preferred,
+    path read when bytes are missing): one user message with an image placeholder and the text."""
+    return {
+        "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        "multimodal_data": {"image": decode_image(image)},
+    }
 
 
 def build_vision_language_processor(
@@ -69,7 +219,8 @@ def build_vision_language_processor(
         carry_columns: input columns copied to the output rows (e.g. the row id).
         max_tokens, temperature, top_p, seed: vLLM sampling parameters, the same for every row;
             `seed` makes sampled (temperature > 0) answers reproducible.
-        batch_size: rows per batch sent to an engine; concurrency: engine replicas (int or (min, max)).
+        batch_size: rows per batch sent to an engine; concurrency: engine replicas (n = autoscale 1..n,
+            or (min, max)).
         use_gpu: one GPU per engine; None means "if the Ray cluster has GPUs". Without, one CPU each.
         engine_kwargs: extra `vllm.AsyncEngineArgs` (dtype, max_model_len, ...) over the defaults.
         runtime_env: Ray runtime env of the processor's actors (e.g. `env_vars`).
@@ -77,37 +228,12 @@ def build_vision_language_processor(
     Returns a Processor whose output rows hold `carry_columns`, `text`, `finish_reason` and `token_ids`
     (the generated ids: exact where `text` depends on detokenization, e.g. partial UTF-8 at the end).
     """
-    import ray
-    from ray.data.llm import vLLMEngineProcessorConfig, build_processor
-
-    if use_gpu is None:
-        # Connects to the job's cluster (or starts a local one) to read its resources; build_processor
-        # would init Ray anyway.
-        ray.init(ignore_reinit_error=True)
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-
-    engine = {"limit_mm_per_prompt": {"image": 1}}
-    env = dict((runtime_env or {}).get("env_vars", {}))
-    placement_group_config = None
-    if not use_gpu:
-        engine["enforce_eager"] = True
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB))
-        placement_group_config = {"bundles": [{"CPU": 1}]}
-    engine.update(engine_kwargs or {})
-
-    config = vLLMEngineProcessorConfig(
-        model_source=zoo.resolve(model),
-        engine_kwargs=engine,
+    min_actors, max_actors = (1, concurrency) if isinstance(concurrency, int) else concurrency
+    pool = VLLMPoolConfig(
+        min_actors=min_actors,
+        max_actors=max_actors,
+        num_gpus=None if use_gpu is None else float(use_gpu),
         batch_size=batch_size,
-        concurrency=concurrency,
-        runtime_env={**(runtime_env or {}), "env_vars": env},
-        placement_group_config=placement_group_config,
-        # True needs ray[serve] and a metrics port; batch jobs read Ray Data's own stats instead.
-        log_engine_metrics=False,
-        prepare_multimodal_stage=False,
-        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
-        tokenize_stage=False,
-        detokenize_stage=False,
     )
     sampling_params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if seed is not None:
@@ -116,13 +242,7 @@ def build_vision_language_processor(
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         return {
             **{name: row[name] for name in carry_columns},
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "image"}, {"type": "text", "text": row[prompt_column]}],
-                }
-            ],
-            "multimodal_data": {"image": decode_image(row[image_column])},
+            **image_chat_request(row[prompt_column], row[image_column]),
             "sampling_params": sampling_params,
         }
 
@@ -134,12 +254,13 @@ def build_vision_language_processor(
             "token_ids": [int(token) for token in row["generated_tokens"]],
         }
 
-    return build_processor(
-        config,
+    return build_engine_processor(
+        model,
         preprocess=preprocess,
         postprocess=postprocess,
-        preprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
-        postprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
+        pool=pool,
+        engine_kwargs=engine_kwargs,
+        runtime_env=runtime_env,
     )
 
 
@@ -150,3 +271,69 @@ def _finish_reason(num_generated_tokens: int, max_tokens: int) -> str:
     ambiguity: an answer whose EOS is exactly its max_tokens-th token counts as "length".
     """
     return "length" if num_generated_tokens >= max_tokens else "stop"
+
+
+# Row keys that make up one engine request (see Ray's vLLMEngineWrapper._prepare_llm_request).
+_REQUEST_KEYS = (
+    "prompt",
+    "tokenized_prompt",
+    "multimodal_data",
+    "mm_processor_kwargs",
+    "multimodal_uuids",
+    "tokenization_kwargs",
+    "sampling_params",
+)
+
+
+@functools.cache
+def _multi_sample_udf():
+    """Ray's vLLM stage UDF, answering each row once per entry of its `sampling_params_list`.
+
+    Built on first use: importing Ray's stage module imports torch and vLLM's helpers. Each request goes
+    through the parent's `_generate_with_error_handling`, so engine errors, fatal-error restarts and
+    `should_continue_on_error` behave exactly as in Ray's stage; only the fan-out is added here.
+    """
+    import asyncio
+    import uuid
+
+    from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+
+    class MultiSampleEngineUDF(vLLMEngineStageUDF):
+        async def udf(self, batch: list[dict[str, Any]]):
+            batch_uuid = uuid.uuid4()
+            tasks = [asyncio.create_task(self._answer_row(row, batch_uuid)) for row in batch]
+            for done in asyncio.as_completed(tasks):
+                yield await done
+
+        async def _answer_row(self, row: dict[str, Any], batch_uuid) -> dict[str, Any]:
+            idx = row[self.IDX_IN_BATCH_COLUMN]
+            # Popped so they do not travel on in the row (the image above all); the parent pops them too.
+            request = {key: row.pop(key) for key in _REQUEST_KEYS if key in row}
+            params_list = row.pop(SAMPLING_PARAMS_LIST, None)
+            params_list = [request["sampling_params"]] if params_list is None else list(params_list)
+            params_list = [maybe_convert_ndarray_to_list(dict(params)) for params in params_list]
+            outputs = await asyncio.gather(
+                *(
+                    self._generate_with_error_handling(
+                        {**request, "sampling_params": dict(params), self.IDX_IN_BATCH_COLUMN: idx}, batch_uuid
+                    )
+                    for params in params_list
+                )
+            )
+            return {
+                self.IDX_IN_BATCH_COLUMN: idx,
+                SAMPLES: [_sample(output, params["max_tokens"]) for output, params in zip(outputs, params_list)],
+            }
+
+    return MultiSampleEngineUDF
+
+
+def _sample(output: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
+    error = output.get("__inference_error__") or None
+    return {
+        "text": output["generated_text"],
+        "finish_reason": "error" if error else _finish_reason(output["num_generated_tokens"], max_tokens),
+        "token_ids": [int(token) for token in output["generated_tokens"]],
+        "error": error,
+    }

@@ -19,8 +19,22 @@ from synthalign_ray import zoo
 
 log = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
+STATUS_OK = "ok"  # still in the running: later stages process it
+STATUS_DROPPED = "dropped"  # filtered out on purpose, with a `drop_reason` (no instruction, tie, ...)
+STATUS_FAILED = "failed"  # a stage raised on it, even after retries: `error` and `failed_stage` say why
+_DROP_REASON = "__drop_reason__"
+# Chaos testing of the real retry and isolation paths (like Ray's own RAY_testing_* variables):
+# "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.
+FAULTS_ENV = "SYNTHALIGN_INJECT_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a stage on a row named in SYNTHALIGN_INJECT_FAULTS."""
+
+
+def injected_faults(stage: str) -> set[str]:
+    pairs = (item.split(":", 1) for item in os.environ.get(FAULTS_ENV, "").split(",") if ":" in item)
+    return {row_id for name, row_id in pairs if name == stage}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATH_PREFIXES = ("/", "./", "../", "~")
@@ -72,21 +86,32 @@ def resolve_model_path(ref: str) -> str:
     return snapshot_download(ref)
 
 
-class ActorPoolConfig(StrictModel):
-    """One autoscaling actor pool of a model-backed stage (Ray Data `map_batches` with an actor pool)."""
+class ReplicasConfig(StrictModel):
+    """How many replicas of a model an autoscaling Ray Data pool runs, and rows per batch."""
 
     min_actors: int = Field(1, ge=1, description="replicas kept alive")
     max_actors: int = Field(1, ge=1, description="replicas Ray Data may scale up to")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     batch_size: int = Field(4, ge=1, description="rows (prompts) per batch handed to one replica")
-    max_batch_retries: int = Field(1, ge=0, description="retries of a failing batch before rows are tried alone")
 
     @model_validator(mode="after")
     def _min_le_max(self):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         return self
+
+
+class ActorPoolConfig(ReplicasConfig):
+    """One autoscaling actor pool of a model-backed stage (Ray Data `map_batches` with an actor pool)."""
+
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    max_batch_retries: int = Field(1, ge=0, description="retries of a failing batch before rows are tried alone")
+
+    def torch_device(self) -> str:
+        """Where a replica puts its model: on its GPU when the pool gives it one."""
+        import torch
+
+        return "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         from ray.data import ActorPoolStrategy
@@ -105,7 +130,8 @@ class RowStage:
     """Base of every stage's callable class: adds columns to the rows that are still `ok`.
 
     Subclasses set `output_fields` (the columns they add, with types) and implement `process(rows)`,
-    which gets the ok rows as dicts and returns one dict of new values per row. A batch that raises is
+    which gets the ok rows as dicts and returns one dict of new values per row (`self.drop(reason,
+    values)` for a row to drop: status `dropped` with its reason). A batch that raises is
     retried `max_batch_retries` times, then its rows are run one by one so that one bad row cannot take
     its neighbours down; a row that still raises gets status `failed`, its error and the stage's name,
     and travels on untouched (later stages skip it). Rows that failed earlier get nulls here.
@@ -119,6 +145,11 @@ class RowStage:
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    @staticmethod
+    def drop(reason: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The result of a row that this stage filters out: its values plus the drop reason."""
+        return {**values, _DROP_REASON: reason}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -138,6 +169,9 @@ class RowStage:
         return self._assemble(table, results, errors)
 
     def _checked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        faulty = injected_faults(self.name) & {row["id"] for row in rows}
+        if faulty:
+            raise InjectedFault(f"injected fault in {self.name} for {sorted(faulty)}")
         outputs = self.process(rows)
         if len(outputs) != len(rows):
             raise RuntimeError(f"{self.name} returned {len(outputs)} results for {len(rows)} rows")
@@ -158,12 +192,13 @@ class RowStage:
         for field in self.output_fields:
             values = [results[i][field.name] if i in results else None for i in range(n)]
             table = table.append_column(field, pa.array(values, type=field.type))
-        if errors:
-            status = table.column("status").to_pylist()
-            error = table.column("error").to_pylist()
-            failed_stage = table.column("failed_stage").to_pylist()
+        drops = {i: result[_DROP_REASON] for i, result in results.items() if _DROP_REASON in result}
+        if errors or drops:
+            columns = {name: table.column(name).to_pylist() for name in ("status", "error", "failed_stage", "drop_reason")}
             for i, message in errors.items():
-                status[i], error[i], failed_stage[i] = STATUS_FAILED, message, self.name
-            for name, values in (("status", status), ("error", error), ("failed_stage", failed_stage)):
+                columns["status"][i], columns["error"][i], columns["failed_stage"][i] = STATUS_FAILED, message, self.name
+            for i, reason in drops.items():
+                columns["status"][i], columns["drop_reason"][i] = STATUS_DROPPED, reason
+            for name, values in columns.items():
                 table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
         return table

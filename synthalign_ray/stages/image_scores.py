@@ -52,7 +52,7 @@ class ImageScorer(RowStage):
 
         super().__init__(cfg.pool.max_batch_retries)
         self.cfg = cfg
-        self.device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = cfg.pool.torch_device()
         dtype = getattr(torch, cfg.dtype)
         tokenizer = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else None
         self.scorers = {

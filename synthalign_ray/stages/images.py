@@ -79,7 +79,7 @@ class ImageGenerator(RowStage):
 
         super().__init__(cfg.pool.max_batch_retries)
         self.cfg = cfg
-        self.device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = cfg.pool.torch_device()
         self.pipe = AutoPipelineForText2Image.from_pretrained(
             resolve_model_path(cfg.model), dtype=getattr(torch, cfg.dtype)
         ).to(self.device)

@@ -36,17 +36,24 @@ class PromptsConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _readable(cls, path: str) -> str:
-        if "://" not in path:
-            p = Path(path).expanduser()
-            if not p.is_file():
-                raise ValueError(f"prompt file {path!r} does not exist or is not a file")
-        return path
+        return check_input_file(path)
 
     def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        suffix = Path(self.path.split("?")[0]).suffix.lower().lstrip(".")
-        return {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet", "txt": "txt"}.get(suffix, "txt")
+        return file_format(self.path, self.format)
+
+
+def check_input_file(path: str) -> str:
+    if "://" not in path and not Path(path).expanduser().is_file():
+        raise ValueError(f"input file {path!r} does not exist or is not a file")
+    return path
+
+
+def file_format(path: str, declared: str = "auto") -> str:
+    """The declared format, else the one the file name's suffix says (plain text by default)."""
+    if declared != "auto":
+        return declared
+    suffix = Path(path.split("?")[0]).suffix.lower().lstrip(".")
+    return {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet", "txt": "txt"}.get(suffix, "txt")
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,14 @@ class BadRow:
         return f"line {self.line}: {self.reason}"
 
 
-class PromptFileError(ValueError):
-    """The prompt file has bad rows and the config says to refuse them."""
+class InputFileError(ValueError):
+    """An input file (prompts, instructions) has bad rows and the config says to refuse them."""
 
-    def __init__(self, path: str, bad: list[BadRow], shown: int = 20):
+    def __init__(self, path: str, bad: list[BadRow], hint: str = "", shown: int = 20):
         listed = "\n".join(f"  {b}" for b in bad[:shown])
         more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
-        super().__init__(
-            f"{path}: {len(bad)} bad row(s) (set prompts.on_bad_rows=skip to skip them):\n{listed}{more}"
-        )
+        hint = f" ({hint})" if hint else ""
+        super().__init__(f"{path}: {len(bad)} bad row(s){hint}:\n{listed}{more}")
         self.bad = bad
 
 
@@ -85,8 +91,9 @@ def image_seed(row_seed: int, k: int) -> int:
     return (row_seed + k) % SEED_MODULUS
 
 
-def _raw_records(path: str, fmt: str, cfg: PromptsConfig):
-    """Yield (line, record-or-None, parse-error) for each data line of the file."""
+def read_records(path: str, fmt: str, text_field: str):
+    """Yield (line, record-or-None, parse-error) for each data line of a JSONL, CSV, Parquet or text
+    file; a text file's lines become records {text_field: line}; CSV must have a `text_field` column."""
     from synthalign_ray.store import filesystem
 
     fs, fpath = filesystem(path)
@@ -114,8 +121,8 @@ def _raw_records(path: str, fmt: str, cfg: PromptsConfig):
             yield i, rec, None
     elif fmt == "csv":
         reader = csv.DictReader(lines)
-        if reader.fieldnames is None or cfg.prompt_field not in reader.fieldnames:
-            yield 1, None, f"CSV header has no {cfg.prompt_field!r} column (header: {reader.fieldnames})"
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            yield 1, None, f"CSV header has no {text_field!r} column (header: {reader.fieldnames})"
             return
         for rec in reader:
             line = reader.line_num
@@ -126,16 +133,16 @@ def _raw_records(path: str, fmt: str, cfg: PromptsConfig):
     else:  # txt: one prompt a line
         for i, line in enumerate(lines, start=1):
             if line.strip():
-                yield i, {cfg.prompt_field: line.strip()}, None
+                yield i, {text_field: line.strip()}, None
 
 
 def read_prompts(cfg: PromptsConfig, run_seed: int) -> tuple[list[dict], list[BadRow]]:
-    """Validated prompt rows and the bad rows found. Raises PromptFileError if bad rows must fail."""
+    """Validated prompt rows and the bad rows found. Raises InputFileError if bad rows must fail."""
     fmt = cfg.resolved_format()
     rows: list[dict] = []
     bad: list[BadRow] = []
     first_line_of: dict[str, int] = {}
-    for line, rec, error in _raw_records(cfg.path, fmt, cfg):
+    for line, rec, error in read_records(cfg.path, fmt, cfg.prompt_field):
         if error:
             bad.append(BadRow(line, error))
             continue
@@ -163,7 +170,7 @@ def read_prompts(cfg: PromptsConfig, run_seed: int) -> tuple[list[dict], list[Ba
         if cfg.limit is not None and len(rows) >= cfg.limit:
             break
     if bad and cfg.on_bad_rows == "fail":
-        raise PromptFileError(cfg.path, bad)
+        raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
     return rows, bad
 
 
@@ -182,5 +189,6 @@ def prompts_table(rows: list[dict]):
             "status": pa.array([STATUS_OK] * n, pa.string()),
             "error": pa.array([None] * n, pa.string()),
             "failed_stage": pa.array([None] * n, pa.string()),
+            "drop_reason": pa.array([None] * n, pa.string()),
         }
     )

@@ -32,7 +32,7 @@ def test_overrides_are_yaml_values():
         ("images.model=zoo:nope", "images.model: unknown zoo model 'nope'"),
         ("image_scores.pool.min_actors=3", "image_scores.pool: min_actors (3) > max_actors (1)"),
         ("image_scores.select_by=clip", None),
-        ("prompts.path=/no/such/file.jsonl", "prompts.path: prompt file '/no/such/file.jsonl' does not exist"),
+        ("prompts.path=/no/such/file.jsonl", "prompts.path: input file '/no/such/file.jsonl' does not exist"),
         ("images.steps", "expected KEY=VALUE"),
         ("seed.x=1", "seed is not a section"),
     ],

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthalign_ray.stages.prompts import (
-    PromptFileError,
+    InputFileError,
     PromptsConfig,
     content_id,
     image_seed,
@@ -51,7 +51,7 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
             ]
         ),
     )
-    with pytest.raises(PromptFileError) as err:
+    with pytest.raises(InputFileError) as err:
         read_prompts(PromptsConfig(path=path), run_seed=0)
     message = str(err.value)
     assert "4 bad row(s)" in message and "on_bad_rows=skip" in message
@@ -88,7 +88,7 @@ def test_csv_with_custom_columns_and_ragged_row(tmp_path):
 
 def test_csv_without_prompt_column_is_refused(tmp_path):
     path = write(tmp_path, "p.csv", "id,caption\n1,a dog\n")
-    with pytest.raises(PromptFileError, match="no 'prompt' column"):
+    with pytest.raises(InputFileError, match="no 'prompt' column"):
         read_prompts(PromptsConfig(path=path), 0)
 
 

@@ -73,3 +73,36 @@ def test_wrong_result_count_fails_the_rows():
     out = Short(max_batch_retries=0)(table(2)).to_pylist()
     assert [r["status"] for r in out] == ["failed", "failed"]
     assert out[0]["error"] == "RuntimeError: doubler returned 0 results for 1 rows"
+
+
+def test_dropped_rows_get_status_and_reason_and_are_skipped_later():
+    class DropOdd(Doubler):
+        name = "drop_odd"
+
+        def process(self, rows):
+            return [self.drop("odd", {"doubled": None}) if row["seed"] % 2 else {"doubled": 2 * row["seed"]} for row in rows]
+
+    out = DropOdd()(table())
+    rows = out.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "dropped", "ok", "dropped"]
+    assert [r["drop_reason"] for r in rows] == [None, "odd", None, "odd"]
+    assert [r["doubled"] for r in rows] == [0, None, 4, None]
+    seen = []
+
+    class Later(Doubler):
+        name = "later"
+        output_fields = [pa.field("later", pa.int64())]
+
+        def process(self, rows):
+            seen.extend(row["id"] for row in rows)
+            return [{"later": 1} for _ in rows]
+
+    Later()(out)
+    assert seen == ["r0", "r2"]
+
+
+def test_injected_faults_fail_only_the_named_rows(monkeypatch):
+    monkeypatch.setenv("SYNTHALIGN_INJECT_FAULTS", "doubler:r1,other:r2")
+    out = Doubler()(table()).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "failed", "ok", "ok"]
+    assert out[1]["error"] == "InjectedFault: injected fault in doubler for ['r1']"

@@ -1,0 +1,96 @@
+"""SIGKILL the `synthalign generate` driver at several points, rerun the same command, and check the
+output holds every prompt exactly once (pairs + dropped), none lost, none duplicated.
+
+The run joins a Ray head the test starts (as under `ray job submit`), so killing the driver kills only
+the driver; its job's actors are cleaned up by Ray.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
+GENERATE = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml"]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    port = "6391"
+    env = dict(os.environ)
+    subprocess.run(
+        [RAY, "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def shards(out: Path, folder: str) -> list[Path]:
+    return sorted((out / folder).glob("*.parquet"))
+
+
+def committed_ids(out: Path) -> list[str]:
+    return sorted(i for folder in ("pairs", "dropped") for f in shards(out, folder) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
+def start(out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*GENERATE, "--output", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def kill_when(process: subprocess.Popen, condition, timeout: float) -> bool:
+    """SIGKILL the driver as soon as `condition()` holds; False if it finished first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            return False
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("kill point not reached in time")
+
+
+def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, RAY_ADDRESS=ray_head)
+    started = time.time()
+    kills = {
+        "while starting up": lambda: time.time() - started > 4,
+        "while the actor pools load models": lambda: time.time() - started > 20,
+        "after the first committed shard": lambda: len(committed_ids(out)) > 0,
+    }
+    killed_at = []
+    for point, condition in kills.items():
+        started = time.time()
+        if kill_when(start(out, env), condition, timeout=600):
+            killed_at.append(point)
+            ids = committed_ids(out)
+            assert len(ids) == len(set(ids)), f"duplicate ids after a kill {point}"
+    assert "after the first committed shard" in killed_at or len(committed_ids(out)) == len(PROMPT_IDS)
+    if (out / "manifest.json").exists():
+        assert json.loads((out / "manifest.json").read_text())["complete"] is False
+
+    result = subprocess.run([*GENERATE, "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert committed_ids(out) == PROMPT_IDS  # every prompt exactly once
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    counts = manifest["counts"]
+    assert counts["pairs"] + counts["dropped"] + counts["failed"] == counts["rows"] == len(PROMPT_IDS)

@@ -1,0 +1,93 @@
+"""The pairs we write feed TRL's DPOTrainer for a vision-language model with no conversion code.
+
+PairBuilder rows -> Parquet in pairs/ (store.with_hf_features + store.write_table) ->
+datasets.load_dataset("parquet") -> DPOTrainer on the tiny zoo LLaVA, one step. With the reference
+equal to the policy (step one, dropout off), DPO's sigmoid loss is -log sigmoid(0) = ln 2.
+"""
+
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from synthalign_ray import store, zoo
+from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
+from synthalign_ray.stages.prompts import prompts_table
+
+pytestmark = pytest.mark.slow
+
+RESPONSE_TYPE = pa.struct(
+    [("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())]
+)
+WORDS = "a dog is sitting on the grass near a red car in the park".split()
+
+
+def synthetic_rows(n: int) -> pa.Table:
+    table = prompts_table(
+        [{"id": f"p{i}", "category": "c", "t2i_prompt": "a park", "seed": i, "source_line": i + 1} for i in range(n)]
+    )
+    images = [store.encode_image(Image.new("RGB", (48, 40), (30 * i, 90, 200 - 30 * i))) for i in range(n)]
+    table = table.append_column(pa.field("image", store.IMAGE_TYPE), pa.array(images, store.IMAGE_TYPE))
+    table = table.append_column("image_index", pa.array([0] * n, pa.int32()))
+    table = table.append_column("instruction", pa.array([f"describe the image {i} please" for i in range(n)]))
+    responses = [
+        [
+            {"model": f"m{k}", "text": " ".join(WORDS[k : k + 3 + i]), "finish_reason": "stop", "error": None}
+            for k in range(3)
+        ]
+        + [{"model": "m3", "text": None, "finish_reason": None, "error": "engine died"}]
+        for i in range(n)
+    ]
+    table = table.append_column("responses", pa.array(responses, pa.list_(RESPONSE_TYPE)))
+    scores = [[0.1 * i, 1.0, -1.0, None] for i in range(n)]
+    return table.append_column("response_scores", pa.array(scores, pa.list_(pa.float32())))
+
+
+# "full": the rows as the pipeline writes them (TRL's collator then takes the single-image `image`
+# column, which holds the same image); "trl_only": just the TRL columns, so `images` is what is used.
+@pytest.mark.parametrize("layout", ["full", "trl_only"])
+def test_dpo_trainer_takes_the_pairs_parquet_as_is(tmp_path, layout):
+    import datasets
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    built = PairBuilder(PairsConfig(system_prompt="You are a careful assistant."))(synthetic_rows(4))
+    pairs = built.filter(pc.equal(built.column("status"), "ok"))
+    assert pairs.num_rows == 4
+    if layout == "trl_only":
+        pairs = pairs.select(["id", "images", "prompt", "chosen", "rejected"])
+    store.write_table(str(tmp_path / "pairs" / "part-0.parquet"), store.with_hf_features(pairs))
+
+    # --- the user's side: nothing between load_dataset and the trainer ---
+    dataset = datasets.load_dataset("parquet", data_files=str(tmp_path / "pairs" / "*.parquet"), split="train")
+    assert dataset.features["images"] == datasets.List(datasets.Image())
+    assert isinstance(dataset[0]["images"][0], Image.Image)
+
+    path = zoo.build("lvlm-llava")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=128,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    result = trainer.train()
+    # ----------------------------------------------------------------------
+
+    assert trainer.state.global_step == 1
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert result.training_loss == pytest.approx(math.log(2), abs=1e-3)
