@@ -32,6 +32,12 @@ class ResourcesConfig(StrictModel):
     ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the run")
     env: dict[str, str] = Field(default_factory=dict, description="environment of every Ray worker")
+    rows_per_block: int = Field(
+        16,
+        ge=1,
+        description="prompts per Ray Data block: the unit that streams through the stages and is committed "
+        "to the output at once (a row with its K images is megabytes at real resolutions)",
+    )
 
 
 class SynthAlignConfig(StrictModel):

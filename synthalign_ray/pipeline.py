@@ -1,6 +1,6 @@
 """Builds and runs the Ray Data graph of a config: one row per prompt, streamed through actor pools.
 
-    prompts.parquet -> ImageGenerator (pool) -> ImageScorer (pool) -> ImageSelector (tasks)
+    prompts (blocks)-> ImageGenerator (pool) -> ImageScorer (pool) -> ImageSelector (tasks)
                     -> InstructionWriter (tasks) -> one vLLM pool per LVLM (ray.data.llm)
                     -> ResponseScorer (pool) -> PairBuilder (tasks)
                     -> StatusSplitDatasink (pairs/, dropped/, failed/)
@@ -68,13 +68,17 @@ def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
         zoo.resolve(ref)
 
 
-def build_dataset(cfg: SynthAlignConfig, prompts_uri: str):
+def build_dataset(cfg: SynthAlignConfig, prompts):
+    """The pipeline over `prompts` (the prompts table), split into blocks of `rows_per_block` rows."""
     import ray
 
-    def pure(stage):  # model-free stages run as Ray tasks
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True)
+    def pure(stage):
+        # Model-free stages run as Ray tasks on whole blocks (batch_size=None): a batch size would make
+        # Ray Data bundle blocks up to it first, holding rows back from the output instead of streaming.
+        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
 
-    ds = ray.data.read_parquet(prompts_uri)
+    step = cfg.resources.rows_per_block
+    ds = ray.data.from_arrow([prompts.slice(start, step) for start in range(0, prompts.num_rows, step)])
     ds = ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
     ds = ds.map_batches(
         ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
@@ -160,8 +164,8 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     todo = [row for row in rows if row["id"] not in done]
     if done:
         log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), len(todo), retried)
-    prompts_uri = store.join(output, store.PROMPTS_FILE)
-    store.write_table(prompts_uri, prompts_table(todo))
+    prompts = prompts_table(todo)
+    store.write_table(store.join(output, store.PROMPTS_FILE), prompts)
     # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
     manifest = {
         "config": cfg.model_dump(mode="json"),
@@ -178,7 +182,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
 
     sink = store.StatusSplitDatasink(output)
     if todo:
-        build_dataset(cfg, prompts_uri).write_datasink(sink)
+        build_dataset(cfg, prompts).write_datasink(sink)
     counts = accounting(output, rows, bad_rows, this_run=sink.counts)
     manifest.update(counts=counts, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True)
     store.write_json(store.join(output, store.MANIFEST), manifest)

@@ -149,10 +149,15 @@ def sampling_params(model: ResponseModelConfig, row_seed: int | None, run_seed: 
 
 def add_responses(ds, cfg: ResponsesConfig, *, run_seed: int):
     """`ds` with a `responses` column: every model's answers to each ok row, in `cfg.models` order."""
-    ds = ds.map_batches(_record_input_schema, batch_format="pyarrow", zero_copy_batch=True, num_cpus=LIGHT_STAGE_CPUS)
+    # batch_size=None: whole blocks, no bundling, so rows keep streaming (see pipeline.build_dataset).
+    ds = ds.map_batches(
+        _record_input_schema, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
+    )
     for model in cfg.models:
         ds = _answer_with(ds, model, continue_on_error=cfg.continue_on_error, run_seed=run_seed)
-    return ds.map_batches(_restore_input_types, batch_format="pyarrow", zero_copy_batch=True, num_cpus=LIGHT_STAGE_CPUS)
+    return ds.map_batches(
+        _restore_input_types, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
+    )
 
 
 def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run_seed: int):
