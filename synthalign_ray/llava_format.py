@@ -30,6 +30,7 @@ from pyarrow import fs as pafs
 from synthalign_ray import store
 from synthalign_ray.stages.common import STATUS_OK
 from synthalign_ray.stages.pairs import PAIR_FIELDS, trl_columns
+from synthalign_ray.stages.prompts import prompts_table
 
 IMAGES_SUBDIR = "images"
 DEFAULT_JSON_NAME = "llava_pairs.json"
@@ -42,15 +43,7 @@ _MAX_REPORTED = 20
 # The rows import_llava produces: the prompt table's columns, the image, the instruction, the pair.
 IMPORT_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string()),
-        pa.field("category", pa.string()),
-        pa.field("t2i_prompt", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("source_line", pa.int64()),
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("failed_stage", pa.string()),
-        pa.field("drop_reason", pa.string()),
+        *prompts_table([]).schema,
         pa.field("image", store.IMAGE_TYPE),
         pa.field("image_index", pa.int32()),
         pa.field("instruction", pa.string()),
