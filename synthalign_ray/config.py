@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + `--set a.b=c` overrides, validated whole before anything starts.
 
 Sections are named after the stages (`prompts`, `images`, `image_scores`, `instructions`, `responses`,
-`response_scores`, `pairs`) plus `resources`; each stage module defines its own section model. Unknown keys, bad values, missing model paths and unreadable
+`response_scores`, the optional `judge`, `pairs`) plus `resources`; each stage module defines its own section model. Unknown keys, bad values, missing model paths and unreadable
 inputs raise `ConfigError`, whose message names the file and the dotted field, e.g.
 ``configs/tiny.yaml: images.guidance_scales: guidance scales must be > 1 ...``.
 """
@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.stages.common import StrictModel
 from synthalign_ray.stages.image_scores import ImageScoresConfig
 from synthalign_ray.stages.images import ImagesConfig
 from synthalign_ray.stages.instructions import InstructionsConfig
+from synthalign_ray.stages.judge import JudgeConfig
 from synthalign_ray.stages.pairs import PairsConfig
 from synthalign_ray.stages.prompts import PromptsConfig
 from synthalign_ray.stages.response_scores import ResponseScoresConfig
@@ -48,8 +50,24 @@ class SynthAlignConfig(StrictModel):
     instructions: InstructionsConfig = Field(default_factory=InstructionsConfig)
     responses: ResponsesConfig
     response_scores: ResponseScoresConfig
+    judge: JudgeConfig | None = Field(None, description="optional image-aware judge of the answers (beyond the paper)")
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _ranking_has_its_scores(self):
+        if self.pairs.rank_by != "reward" and self.judge is None:
+            raise ValueError(f"pairs.rank_by={self.pairs.rank_by} needs a `judge` section (the judge's scores)")
+        return self
+
+    def chat_models(self) -> dict[str, ChatModelConfig]:
+        """The LLM stages' models by config field (instruction writer, judge), where configured."""
+        models = {}
+        if self.instructions.source == "llm":
+            models["instructions.llm"] = self.instructions.llm
+        if self.judge is not None:
+            models["judge.model"] = self.judge.model
+        return models
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

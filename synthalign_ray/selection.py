@@ -141,3 +141,58 @@ def select_pair(
     if normalize_text(texts[chosen]) == normalize_text(texts[rejected]):
         return Drop(DROP_SAME_TEXT, f"answers {chosen} and {rejected} have the same text")
     return Pair(chosen=chosen, rejected=rejected, margin=margin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What ranks the answers: the reward model (paper), an image-aware judge, or a mix of both.
+# ---------------------------------------------------------------------------------------------------
+
+RANK_BY = ("reward", "judge", "mix")
+
+
+def standardized(scores: Sequence[float | None]) -> list[float | None]:
+    """Each finite score as (score - mean) / std over the finite ones (population std; all equal -> 0);
+    None and non-finite stay None. Puts scores of different scales on one footing within a row."""
+    valid = _valid(scores)
+    if not valid:
+        return [None] * len(scores)
+    mean = sum(s for _, s in valid) / len(valid)
+    std = math.sqrt(sum((s - mean) ** 2 for _, s in valid) / len(valid))
+    out: list[float | None] = [None] * len(scores)
+    for i, s in valid:
+        out[i] = 0.0 if std == 0 else (s - mean) / std
+    return out
+
+
+def ranking_scores(
+    reward: Sequence[float | None],
+    judge: Sequence[float | None] | None,
+    rank_by: str = "reward",
+    judge_weight: float = 0.5,
+) -> list[float | None]:
+    """The score that ranks a row's answers.
+
+    reward  the reward model's scores as they are (paper eq. 10)
+    judge   the judge's scores as they are
+    mix     (1 - judge_weight) * z(reward) + judge_weight * z(judge), each standardized over the answers
+            that have both scores (an answer missing either has none)
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+    if rank_by == "reward":
+        return list(reward)
+    if judge is None:
+        raise ValueError(f"rank_by={rank_by} needs judge scores, and the row has none")
+    if len(judge) != len(reward):
+        raise ValueError(f"{len(reward)} reward scores but {len(judge)} judge scores")
+    if rank_by == "judge":
+        return list(judge)
+    if not 0 <= judge_weight <= 1:
+        raise ValueError(f"judge_weight must be in [0, 1], got {judge_weight}")
+    both = {i for i, _ in _valid(reward)} & {i for i, _ in _valid(judge)}
+    z_reward = standardized([s if i in both else None for i, s in enumerate(reward)])
+    z_judge = standardized([s if i in both else None for i, s in enumerate(judge)])
+    return [
+        None if i not in both else (1 - judge_weight) * z_reward[i] + judge_weight * z_judge[i]
+        for i in range(len(reward))
+    ]

@@ -13,7 +13,7 @@ configures it; `build_vision_language_processor` (above) and the responses stage
 - `image_chat_request`: the HF datasets Image struct (`{"bytes": PNG, "path": ...}`) decoded to a PIL
   image that goes to vLLM as `multimodal_data`, next to the chat messages. Ray's own multimodal prepare
   stage is left off: it imports `vllm.entrypoints.chat_utils`, which vLLM 0.32 moved.
-- a finish reason ("stop" or "length"), which Ray's vLLM stage does not return (see `_finish_reason`).
+- a finish reason ("stop" or "length"), which Ray's vLLM stage does not return (see `finish_reason`).
 - CPU defaults: without a GPU the engine actor asks for one CPU per worker instead of one GPU (Ray's
   default bundle waits forever for a GPU), runs eagerly (no torch.compile on CPU) and gets a fixed KV
   cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB). With GPUs, `VLLMPoolConfig.num_gpus` may be a fraction
@@ -250,7 +250,7 @@ def build_vision_language_processor(
         return {
             **{name: row[name] for name in carry_columns},
             "text": row["generated_text"],
-            "finish_reason": _finish_reason(row["num_generated_tokens"], max_tokens),
+            "finish_reason": finish_reason(row["num_generated_tokens"], max_tokens),
             "token_ids": [int(token) for token in row["generated_tokens"]],
         }
 
@@ -264,7 +264,7 @@ def build_vision_language_processor(
     )
 
 
-def _finish_reason(num_generated_tokens: int, max_tokens: int) -> str:
+def finish_reason(num_generated_tokens: int, max_tokens: int) -> str:
     """OpenAI/vLLM finish reason from the token count, as Ray's vLLM stage drops vLLM's own.
 
     "length" when the answer used all `max_tokens`, else "stop" (EOS, a stop token or string). One
@@ -333,7 +333,7 @@ def _sample(output: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
     error = output.get("__inference_error__") or None
     return {
         "text": output["generated_text"],
-        "finish_reason": "error" if error else _finish_reason(output["num_generated_tokens"], max_tokens),
+        "finish_reason": "error" if error else finish_reason(output["num_generated_tokens"], max_tokens),
         "token_ids": [int(token) for token in output["generated_tokens"]],
         "error": error,
     }

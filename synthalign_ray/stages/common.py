@@ -23,6 +23,7 @@ STATUS_OK = "ok"  # still in the running: later stages process it
 STATUS_DROPPED = "dropped"  # filtered out on purpose, with a `drop_reason` (no instruction, tie, ...)
 STATUS_FAILED = "failed"  # a stage raised on it, even after retries: `error` and `failed_stage` say why
 _DROP_REASON = "__drop_reason__"
+_FAILURE = "__failure__"
 # Chaos testing of the real retry and isolation paths (like Ray's own RAY_testing_* variables):
 # "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.
 FAULTS_ENV = "SYNTHALIGN_INJECT_FAULTS"
@@ -131,7 +132,8 @@ class RowStage:
 
     Subclasses set `output_fields` (the columns they add, with types) and implement `process(rows)`,
     which gets the ok rows as dicts and returns one dict of new values per row (`self.drop(reason,
-    values)` for a row to drop: status `dropped` with its reason). A batch that raises is
+    values)` for a row to drop: status `dropped` with its reason; `self.fail(error, values)` for a row
+    whose failure the stage already knows, e.g. an endpoint that refused it after its own retries). A batch that raises is
     retried `max_batch_retries` times, then its rows are run one by one so that one bad row cannot take
     its neighbours down; a row that still raises gets status `failed`, its error and the stage's name,
     and travels on untouched (later stages skip it). Rows that failed earlier get nulls here.
@@ -150,6 +152,11 @@ class RowStage:
     def drop(reason: str, values: dict[str, Any]) -> dict[str, Any]:
         """The result of a row that this stage filters out: its values plus the drop reason."""
         return {**values, _DROP_REASON: reason}
+
+    @staticmethod
+    def fail(error: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The result of a row that failed in this stage, without failing its neighbours."""
+        return {**values, _FAILURE: error}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -193,6 +200,7 @@ class RowStage:
             values = [results[i][field.name] if i in results else None for i in range(n)]
             table = table.append_column(field, pa.array(values, type=field.type))
         drops = {i: result[_DROP_REASON] for i, result in results.items() if _DROP_REASON in result}
+        errors = {**errors, **{i: result[_FAILURE] for i, result in results.items() if _FAILURE in result}}
         if errors or drops:
             columns = {name: table.column(name).to_pylist() for name in ("status", "error", "failed_stage", "drop_reason")}
             for i, message in errors.items():

@@ -1,7 +1,7 @@
 """Instructions: the question the LVLMs answer about each row's kept image (paper section 3.2).
 
 The paper has GPT-4o turn the text-to-image prompt into an instruction prompt; the official code reads
-them from a supplied file. Two sources here:
+them from a supplied file. Three sources here:
 
 - `file`: a JSONL, CSV or Parquet file of (`id`, `instruction`) joined to the rows by prompt id, never
   by line order. Bad lines (no id, empty instruction, duplicate id, malformed) are reported with their
@@ -9,26 +9,43 @@ them from a supplied file. Two sources here:
   `no_instruction` (or the run refuses to start, `on_missing: fail`).
 - `template`: a Python format string over the row (`{t2i_prompt}`, `{category}`, `{id}`), e.g.
   "Describe this image in detail." or "Is this a faithful picture of: {t2i_prompt}?".
+- `llm`: as the paper did, an LLM rewrites each text-to-image prompt into an instruction (`llm_prompt`,
+  a format string over the same fields). `llm` is a vLLM model or any OpenAI-compatible endpoint
+  (`engines/chat.py`); with `llm_sees_image` a VLM gets the kept image too. The reply's first
+  non-empty line, without quotes or an "Instruction:" label, is the instruction; an empty reply fails
+  the row (recorded with the reply, retried by a rerun).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from synthalign_ray.stages.common import STATUS_DROPPED, RowStage, StrictModel
+from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.stages.common import RowStage, StrictModel
 from synthalign_ray.stages.prompts import BadRow, InputFileError, check_input_file, file_format, read_records
 
 TEMPLATE_FIELDS = {"t2i_prompt", "category", "id"}
 DROP_NO_INSTRUCTION = "no_instruction"
 
 
+DEFAULT_LLM_PROMPT = (
+    'This text-to-image prompt was used to generate an image: "{t2i_prompt}". Write one instruction or question '
+    "a user could ask an AI assistant about that image, answerable by looking at it. Reply with the instruction only."
+)
+INSTRUCTION_FIELDS = [pa.field("instruction", pa.string()), pa.field("instruction_source", pa.string())]
+
+
 class InstructionsConfig(StrictModel):
-    source: Literal["template", "file"] = "template"
+    source: Literal["template", "file", "llm"] = "template"
     template: str = Field("Describe this image in detail.", description="with source=template: format string over the row")
+    llm: ChatModelConfig | None = Field(None, description="with source=llm: the model that writes the instructions")
+    llm_prompt: str = Field(DEFAULT_LLM_PROMPT, description="with source=llm: format string over the row")
+    llm_sees_image: bool = Field(False, description="with source=llm: send the kept image too (the model must be a VLM)")
     path: str | None = Field(None, description="with source=file: JSONL/CSV/Parquet of id + instruction")
     format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
     id_field: str = "id"
@@ -41,11 +58,19 @@ class InstructionsConfig(StrictModel):
             if not self.path:
                 raise ValueError("source=file needs instructions.path")
             check_input_file(self.path)
+        elif self.source == "llm":
+            if self.llm is None:
+                raise ValueError("source=llm needs instructions.llm (a vLLM model or an OpenAI-compatible endpoint)")
+            check_template_fields(self.llm_prompt, "llm_prompt")
         else:
-            unknown = template_fields(self.template) - TEMPLATE_FIELDS
-            if unknown:
-                raise ValueError(f"template uses unknown field(s) {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}")
+            check_template_fields(self.template, "template")
         return self
+
+
+def check_template_fields(template: str, name: str) -> None:
+    unknown = template_fields(template) - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(f"{name} uses unknown field(s) {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}")
 
 
 def template_fields(template: str) -> set[str]:
@@ -93,7 +118,7 @@ class InstructionWriter(RowStage):
     """Adds `instruction` and `instruction_source` (pure: a file join or a template, no model)."""
 
     name = "instructions"
-    output_fields = [pa.field("instruction", pa.string()), pa.field("instruction_source", pa.string())]
+    output_fields = INSTRUCTION_FIELDS
 
     def __init__(self, cfg: InstructionsConfig):
         super().__init__(max_batch_retries=0)
@@ -102,10 +127,7 @@ class InstructionWriter(RowStage):
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.mapping is None:
-            return [
-                {"instruction": self.cfg.template.format(**{k: row[k] for k in TEMPLATE_FIELDS}), "instruction_source": "template"}
-                for row in rows
-            ]
+            return [{"instruction": fill_template(self.cfg.template, row), "instruction_source": "template"} for row in rows]
         out = []
         for row in rows:
             instruction = self.mapping.get(row["id"])
@@ -114,3 +136,45 @@ class InstructionWriter(RowStage):
             else:
                 out.append({"instruction": instruction, "instruction_source": f"file:{self.cfg.path}"})
         return out
+
+
+def fill_template(template: str, row: dict[str, Any]) -> str:
+    return template.format(**{k: row[k] for k in TEMPLATE_FIELDS})
+
+
+def clean_instruction(reply: str) -> str:
+    """The instruction in an LLM's reply: its first non-empty line, without an "Instruction:" label or
+    surrounding quotes. Raises ValueError on an empty reply."""
+    for line in reply.splitlines():
+        line = re.sub(r"^\s*(instruction|question)\s*:\s*", "", line.strip(), flags=re.IGNORECASE).strip()
+        line = line.strip("\"'“”").strip()
+        if line:
+            return line
+    raise ValueError(f"the LLM returned no instruction (reply: {reply[:200]!r})")
+
+
+def add_instructions(ds, cfg: InstructionsConfig, *, run_seed: int):
+    """`ds` with `instruction` and `instruction_source` on every ok row, from the configured source."""
+    if cfg.source != "llm":
+        # Pure: whole blocks as Ray tasks (batch_size=None keeps rows streaming; see pipeline.build_dataset).
+        return ds.map_batches(InstructionWriter(cfg), batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+    source = f"llm:{cfg.llm.model}"
+
+    def request(row: dict[str, Any]) -> ChatRequest:
+        text = fill_template(cfg.llm_prompt, row)
+        image = row["image"] if cfg.llm_sees_image else None
+        return ChatRequest([user_message(text, with_image=cfg.llm_sees_image)], image=image, seed=row.get("seed"))
+
+    def output(row: dict[str, Any], reply: ChatReply) -> dict[str, Any]:
+        return {"instruction": clean_instruction(reply.text), "instruction_source": source}
+
+    return add_chat_stage(
+        ds,
+        cfg.llm,
+        stage="instructions",
+        request=request,
+        output=output,
+        output_fields=INSTRUCTION_FIELDS,
+        run_seed=run_seed,
+        images=cfg.llm_sees_image,
+    )

@@ -1,7 +1,10 @@
 """Pairs: the best and the worst valid answer of each row become its preference pair (paper eq. 10).
 
-chosen = argmax of `response_scores`, rejected = argmin, among valid answers only (finite score, no
-error, non-empty text within the length bounds; see `selection.select_pair`). A row that cannot give
+chosen = argmax of the ranking score, rejected = argmin, among valid answers only (finite score, no
+error, non-empty text within the length bounds; see `selection.select_pair`). The ranking score is
+`rank_by`: the reward model's `response_scores` (the paper), the image-aware judge's `judge_scores`
+(stages/judge.py), or a mix of both (`selection.ranking_scores`); `margin` is in its units.
+A row that cannot give
 a pair is dropped (status `dropped`) with a `drop_reason` from `selection.DROP_REASONS` and nulls in
 the pair columns, so `pairs/` holds trainable rows only.
 
@@ -28,7 +31,7 @@ zero_copy_batch=True)`, like `ImageSelector`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -69,6 +72,10 @@ class PairsConfig(StrictModel):
     min_chars: int = Field(1, ge=1, description="shorter answers (stripped) are invalid: never chosen or rejected")
     max_chars: int | None = Field(None, ge=1, description="longer answers are invalid; None: no bound")
     system_prompt: str | None = Field(None, description="optional system message at the head of `prompt`")
+    rank_by: Literal["reward", "judge", "mix"] = Field(
+        "reward", description="what ranks the answers: the reward model (paper), the judge, or a mix (needs `judge`)"
+    )
+    judge_weight: float = Field(0.5, ge=0, le=1, description="rank_by=mix: weight of the standardized judge score")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -78,6 +85,14 @@ class PairsConfig(StrictModel):
 
     def selection_kwargs(self) -> dict[str, Any]:
         return self.model_dump(include={"min_valid", "min_margin", "drop_ties", "min_chars", "max_chars"})
+
+    def ranking(self, row: dict[str, Any], n: int) -> list[float | None]:
+        """The scores that rank the row's `n` answers (see `selection.ranking_scores`)."""
+        reward = row.get("response_scores")
+        reward = [None] * n if reward is None else reward
+        if len(reward) != n:
+            raise ValueError(f"{n} responses but {len(reward)} response_scores")
+        return selection.ranking_scores(reward, row.get("judge_scores"), self.rank_by, self.judge_weight)
 
 
 def trl_prompt(instruction: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
@@ -132,11 +147,7 @@ class PairBuilder(RowStage):
 
     def _pair(self, row: dict[str, Any]) -> dict[str, Any]:
         responses = row.get("responses") or []
-        scores = row.get("response_scores")
-        if scores is None:
-            scores = [None] * len(responses)
-        if len(scores) != len(responses):
-            raise ValueError(f"{len(responses)} responses but {len(scores)} response_scores")
+        scores = self.cfg.ranking(row, len(responses))
         image = row.get("image")
         if not image or not (image.get("bytes") or image.get("path")):
             raise ValueError("row has no image")

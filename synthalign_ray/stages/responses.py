@@ -31,14 +31,13 @@ Data flow, all row-local (no groupby, no join):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
+from synthalign_ray.engines import carry
 from synthalign_ray.engines.vllm_engine import (
     LIGHT_STAGE_CPUS,
     SAMPLES,
@@ -54,6 +53,7 @@ RESPONSE_TYPE = pa.struct(
     [("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())]
 )
 RESPONSES_TYPE = pa.list_(RESPONSE_TYPE)
+RESPONSES_FIELD = pa.field("responses", RESPONSES_TYPE)
 FINISH_ERROR = "error"
 
 
@@ -149,15 +149,10 @@ def sampling_params(model: ResponseModelConfig, row_seed: int | None, run_seed: 
 
 def add_responses(ds, cfg: ResponsesConfig, *, run_seed: int):
     """`ds` with a `responses` column: every model's answers to each ok row, in `cfg.models` order."""
-    # batch_size=None: whole blocks, no bundling, so rows keep streaming (see pipeline.build_dataset).
-    ds = ds.map_batches(
-        _record_input_schema, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
-    )
+    ds = carry.record_input_schema(ds, [RESPONSES_FIELD])
     for model in cfg.models:
         ds = _answer_with(ds, model, continue_on_error=cfg.continue_on_error, run_seed=run_seed)
-    return ds.map_batches(
-        _restore_input_types, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
-    )
+    return carry.restore_input_types(ds, [RESPONSES_FIELD], defaults={"responses": []})
 
 
 def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run_seed: int):
@@ -165,7 +160,7 @@ def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         if row["status"] != STATUS_OK:
-            return {"__inference_error__": _SKIPPED}
+            return {carry.INFERENCE_ERROR: carry.SKIPPED}
         try:
             if row.get("image") is None:
                 raise ValueError("the row has no image")
@@ -173,24 +168,24 @@ def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run
         except Exception as error:  # a missing or unreadable image fails this row's answers, not the run
             if not continue_on_error:
                 raise
-            return {"__inference_error__": f"{type(error).__name__}: {error}"}
+            return {carry.INFERENCE_ERROR: f"{type(error).__name__}: {error}"}
         params = sampling_params(model, row.get("seed"), run_seed)
         # "" (no error) must be explicit: a key missing in some rows of a batch comes back as None,
         # which Ray's stages would take for an error.
-        return {**request, "sampling_params": params[0], SAMPLING_PARAMS_LIST: params, "__inference_error__": ""}
+        return {**request, "sampling_params": params[0], SAMPLING_PARAMS_LIST: params, carry.INFERENCE_ERROR: ""}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         answers = [
             {"model": model.name, "text": s["text"], "finish_reason": s["finish_reason"], "error": s["error"]}
             for s in row[SAMPLES]
         ]
-        return {**_input_columns(row), "responses": _responses(row) + answers}
+        return {**carry.input_columns(row), "responses": _responses(row) + answers}
 
     def finish_row(row: dict[str, Any]) -> dict[str, Any]:
         """After the processor: rows that bypassed postprocess (skipped or failed) are restored here."""
-        error = row.get("__inference_error__") or ""
-        out = {**_input_columns(row), "responses": _responses(row)}
-        if error and error != _SKIPPED:
+        error = row.get(carry.INFERENCE_ERROR) or ""
+        out = {**carry.input_columns(row), "responses": _responses(row)}
+        if error and error != carry.SKIPPED:
             out["responses"] += [_error_answer(model.name, error)] * model.samples
         return out
 
@@ -206,27 +201,6 @@ def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run
     return processor(ds).map(finish_row, num_cpus=LIGHT_STAGE_CPUS)
 
 
-# The marker of a row that is not ok: Ray's stages pass rows with a non-empty `__inference_error__`.
-_SKIPPED = "skipped: row status is not ok"
-# The input schema of each row, recorded before the first model (Arrow IPC bytes).
-_SCHEMA = "__responses_input_schema"
-# Columns the processor writes into the row: an input column of the same name would be overwritten.
-_RESERVED = {
-    _SCHEMA,
-    "responses",
-    "__data",
-    "__inference_error__",
-    "messages",
-    "multimodal_data",
-    "sampling_params",
-    SAMPLING_PARAMS_LIST,
-    SAMPLES,
-    "prompt",
-    "tokenized_prompt",
-    "__idx_in_batch",
-}
-
-
 def _error_answer(model_name: str, error: str) -> dict[str, Any]:
     return {"model": model_name, "text": "", "finish_reason": FINISH_ERROR, "error": error}
 
@@ -235,46 +209,3 @@ def _responses(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The answers of the models before this one (none before the first)."""
     previous = row.get("responses")
     return [] if previous is None else list(previous)
-
-
-def _input_columns(row: dict[str, Any]) -> dict[str, Any]:
-    """The row's input columns (and the recorded schema), without anything the processor added."""
-    names = _schema(row[_SCHEMA]).names
-    return {**{name: row[name] for name in names}, _SCHEMA: row[_SCHEMA]}
-
-
-@functools.lru_cache(maxsize=64)
-def _schema(serialized: bytes) -> pa.Schema:
-    return pa.ipc.read_schema(pa.py_buffer(serialized))
-
-
-def _record_input_schema(batch: pa.Table) -> pa.Table:
-    clash = sorted(_RESERVED & set(batch.column_names))
-    if clash:
-        raise ValueError(f"responses stage: input column(s) {clash} clash with columns the stage writes; rename them")
-    serialized = batch.schema.serialize().to_pybytes()
-    return batch.append_column(_SCHEMA, pa.array([serialized] * batch.num_rows, pa.binary()))
-
-
-def _restore_input_types(batch: pa.Table) -> pa.Table:
-    """Input columns back in their recorded order and types, then `responses` as RESPONSES_TYPE."""
-    if batch.num_rows == 0:
-        return batch.drop_columns([name for name in (_SCHEMA, "__inference_error__") if name in batch.column_names])
-    schemas = [_schema(s) for s in pc.unique(batch.column(_SCHEMA)).to_pylist()]
-    schema = schemas[0] if len(schemas) == 1 else pa.unify_schemas(schemas, promote_options="permissive")
-    columns = [_cast(batch.column(field.name), field.type) for field in schema]
-    responses = [value or [] for value in batch.column("responses").to_pylist()]
-    return pa.Table.from_arrays(
-        [*columns, pa.array(responses, RESPONSES_TYPE)],
-        schema=schema.append(pa.field("responses", RESPONSES_TYPE)),
-    )
-
-
-def _cast(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray:
-    if column.type == type_:
-        return column
-    try:
-        return column.cast(type_)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        # e.g. a list that came back as a Ray tensor column: rebuild from Python values.
-        return pa.chunked_array([pa.array(column.to_pylist(), type_)], type_)

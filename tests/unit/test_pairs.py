@@ -311,3 +311,25 @@ def test_image_bytes_are_carried_unchanged():
 
 def test_select_pair_module_exports():
     assert selection.Pair is Pair and selection.Drop is Drop
+
+
+def test_rank_by_judge_or_mix_while_both_scores_stay_in_the_row():
+    table = rows_table([(ANSWERS, [0.9, 0.1, 0.5])])
+    table = table.append_column("judge_scores", pa.array([[1.0, 8.0, 5.0]], pa.list_(pa.float32())))
+    by_reward = PairBuilder(PairsConfig())(table).to_pylist()[0]
+    by_judge = PairBuilder(PairsConfig(rank_by="judge"))(table).to_pylist()[0]
+    by_mix = PairBuilder(PairsConfig(rank_by="mix", judge_weight=0.25))(table).to_pylist()[0]
+    assert (by_reward["chosen_model"], by_reward["rejected_model"]) == ("m1", "m2")
+    assert (by_judge["chosen_model"], by_judge["rejected_model"]) == ("m2", "m1")
+    assert by_judge["margin"] == pytest.approx(7.0)
+    assert (by_mix["chosen_model"], by_mix["rejected_model"]) == ("m1", "m2")  # the reward model weighs 3:1
+    for row in (by_reward, by_judge, by_mix):
+        assert row["response_scores"] == pytest.approx([0.9, 0.1, 0.5]) and row["judge_scores"] == [1.0, 8.0, 5.0]
+
+
+def test_rank_by_judge_needs_the_judge_section():
+    from synthalign_ray.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match="pairs.rank_by=judge needs a `judge` section"):
+        load_config(REPO / "configs" / "tiny.yaml", ["pairs.rank_by=judge"])

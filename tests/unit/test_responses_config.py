@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from synthalign_ray.engines import carry
 from synthalign_ray.engines.vllm_engine import VLLMPoolConfig
 from synthalign_ray.stages import responses as rs
 from synthalign_ray.stages.responses import ResponseModelConfig, ResponsesConfig, default_model_name
@@ -105,9 +106,8 @@ def test_sampling_params_greedy_unseeded_sampled_seeded_per_row_and_sample():
 
 
 def test_reserved_input_columns_are_refused():
-    batch = pa.table({"id": ["a"], "responses": [None]})
-    with pytest.raises(ValueError, match="responses"):
-        rs._record_input_schema(batch)
+    assert carry.clashing_columns(["id", "responses", "messages"], [rs.RESPONSES_FIELD]) == ["messages", "responses"]
+    assert carry.clashing_columns(["id", "image"], [rs.RESPONSES_FIELD]) == []
 
 
 def test_restore_input_types_round_trip():
@@ -120,13 +120,14 @@ def test_restore_input_types_round_trip():
             "image": pa.array([{"bytes": b"x", "path": None}, None], image),
         }
     )
-    recorded = rs._record_input_schema(original)
+    schema = original.schema.serialize().to_pybytes()
+    recorded = original.append_column(carry.SCHEMA_COLUMN, pa.array([schema] * 2, pa.binary()))
     rows = recorded.to_pylist()
     rows[0]["responses"] = [{"model": "m", "text": "hi", "finish_reason": "stop", "error": None}]
     rows[1]["responses"] = None
     drifted = pa.Table.from_pylist(rows)  # float64 scores, null-typed path, null-typed error
     assert drifted.schema.field("scores").type != pa.list_(pa.float32())
-    restored = rs._restore_input_types(drifted)
+    restored = carry.restore_batch(drifted, [rs.RESPONSES_FIELD], {"responses": []})
     assert restored.schema == original.schema.append(pa.field("responses", rs.RESPONSES_TYPE))
     assert restored.drop_columns(["responses"]).equals(original)
     assert restored.column("responses").to_pylist()[1] == []

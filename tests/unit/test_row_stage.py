@@ -106,3 +106,18 @@ def test_injected_faults_fail_only_the_named_rows(monkeypatch):
     out = Doubler()(table()).to_pylist()
     assert [r["status"] for r in out] == ["ok", "failed", "ok", "ok"]
     assert out[1]["error"] == "InjectedFault: injected fault in doubler for ['r1']"
+
+
+def test_a_row_the_stage_fails_itself_is_recorded_without_a_batch_retry():
+    class RefuseSeedTwo(Doubler):
+        name = "refuse"
+
+        def process(self, rows):
+            self.calls += 1
+            return [self.fail("endpoint said 400", {"doubled": None}) if row["seed"] == 2 else {"doubled": 1} for row in rows]
+
+    stage = RefuseSeedTwo()
+    rows = stage(table()).to_pylist()
+    assert stage.calls == 1
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
+    assert (rows[2]["error"], rows[2]["failed_stage"], rows[2]["doubled"]) == ("endpoint said 400", "refuse", None)
