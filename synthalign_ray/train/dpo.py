@@ -1,0 +1,231 @@
+"""The per-worker DPO loop: TRL's DPOTrainer with PEFT LoRA and DeepSpeed, inside a Ray Train worker.
+
+Ray Train's TorchTrainer starts `train_worker` in every worker with torch.distributed already set up
+(gloo on CPU, NCCL on GPU); the HF Trainer under TRL picks that up, so each worker is one data-parallel
+rank and DeepSpeed (configured through `DPOConfig(deepspeed=...)`) partitions optimizer states and
+gradients across them (ZeRO-2 by default, as the paper). With LoRA the reference model is the base
+model with its adapters disabled (TRL does this when `ref_model` is None for a PEFT model): no second
+copy. `finetune: full` trains every weight against a separate frozen copy.
+
+Checkpoints: every `run.checkpoint_every` steps each worker hands its part of the HF checkpoint (rank 0
+the adapter and trainer state, every rank its ZeRO shards and RNG state) to `ray.train.report`, which
+merges them into one checkpoint folder in the run's storage, and then deletes its local copy. A
+restarted worker group (a worker died) or a rerun of the same command (same run name and storage)
+gets the latest one from `ray.train.get_checkpoint()` and resumes the HF Trainer from it: optimizer,
+scheduler, data position and log history included.
+
+At the end rank 0 writes the adapter with the processor files, the training log and loss plot, and
+(with `merge: true`) the merged model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from synthalign_ray.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Module-name parts of the image side of LVLMs (LLaVA / LLaVA-NeXT / Qwen-VL / Idefics layouts).
+VISION_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector", "visual", "image_newline")
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+FULL_MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoint"  # the HF checkpoint inside a Ray checkpoint folder
+
+
+class LoraTargetError(ValueError):
+    """LoRA target modules that match nothing, or match the vision side without `lora.allow_vision`."""
+
+
+def is_vision_module(name: str) -> bool:
+    return any(part in VISION_PARTS for part in name.split("."))
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_targets(model, cfg: TrainConfig) -> list[str]:
+    """The module names LoRA will wrap (PEFT's own matching rule); refuses vision modules unless allowed."""
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = lora_config(cfg)
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name)
+    ]
+    if not targets:
+        raise LoraTargetError(f"lora.target_modules {cfg.lora.target_modules!r} match no linear layer of {cfg.model}")
+    vision = [name for name in targets if is_vision_module(name)]
+    if vision and not cfg.lora.allow_vision:
+        raise LoraTargetError(
+            f"lora.target_modules {cfg.lora.target_modules!r} match {len(vision)} vision-tower/projector "
+            f"module(s), e.g. {vision[0]}; the paper keeps them frozen (set lora.allow_vision: true to train them)"
+        )
+    return targets
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any] | None:
+    """DeepSpeed's config for the HF Trainer; "auto" values are filled from DPOConfig by transformers."""
+    settings = cfg.deepspeed
+    if not settings.enabled:
+        return None
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if settings.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # whole weights in save_model
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def dpo_args(cfg: TrainConfig, output_dir: str, max_steps: int | None = None):
+    from trl import DPOConfig
+
+    optim = cfg.optim
+    return DPOConfig(
+        output_dir=output_dir,
+        use_cpu=not cfg.scaling.use_gpu,
+        bf16=cfg.use_bf16(),
+        deepspeed=deepspeed_config(cfg),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+        max_length=cfg.dpo.max_length,
+        num_train_epochs=optim.epochs,
+        max_steps=optim.max_steps if max_steps is None else max_steps,
+        learning_rate=optim.learning_rate,
+        per_device_train_batch_size=optim.per_device_batch_size,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        lr_scheduler_type=optim.lr_scheduler,
+        warmup_steps=optim.warmup_steps,
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+        gradient_checkpointing=optim.gradient_checkpointing,
+        seed=optim.seed,
+        data_seed=optim.seed,
+        logging_steps=cfg.logging_steps,
+        report_to=list(cfg.report_to),
+        save_strategy="steps",
+        save_steps=cfg.run.checkpoint_every,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def load_model(path: str, cfg: TrainConfig):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+
+
+def report_checkpoint_callback():
+    """A TrainerCallback that hands each saved HF checkpoint to Ray Train, then frees the local copy."""
+    import ray.train
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    class ReportCheckpointToRay(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saved = get_last_checkpoint(args.output_dir)
+            metrics = {"step": state.global_step, "epoch": state.epoch or 0.0}
+            metrics.update({k: v for k, v in (state.log_history[-1] if state.log_history else {}).items() if k != "step"})
+            with tempfile.TemporaryDirectory(prefix="synthalign-ckpt-") as folder:
+                shutil.move(saved, os.path.join(folder, CHECKPOINT_DIR))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    return ReportCheckpointToRay()
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    """The Ray Train worker function. `job`: config (dict), model_path, files, image_column, skip_rows,
+    output (local folder or URI)."""
+    import ray.train
+    from transformers import AutoProcessor
+    from trl import DPOTrainer
+
+    from synthalign_ray.train import data
+    from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, step_records, write_log
+    from synthalign_ray.train.merge import copy_tree, merge_adapter
+
+    cfg = TrainConfig.model_validate(job["config"])
+    rank = ray.train.get_context().get_world_rank()
+    processor = AutoProcessor.from_pretrained(job["model_path"])
+    dataset = data.load_pairs(job["files"], job["image_column"])
+    if job["skip_rows"]:
+        skip = set(job["skip_rows"])
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
+
+    model = load_model(job["model_path"], cfg)
+    ref_model, peft_config = None, None
+    if cfg.finetune == "lora":
+        lora_targets(model, cfg)
+        peft_config = lora_config(cfg)
+    else:
+        ref_model = load_model(job["model_path"], cfg)
+
+    # A fresh local folder per worker and attempt: a crashed attempt's unregistered checkpoints must not
+    # be mistaken for the latest one.
+    local = tempfile.mkdtemp(prefix=f"synthalign-dpo-rank{rank}-")
+    try:
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=dpo_args(cfg, os.path.join(local, "hf"), job.get("max_steps")),
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=peft_config,
+            callbacks=[report_checkpoint_callback()],
+        )
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            trainer.train()
+        else:
+            with checkpoint.as_directory() as folder:
+                log.info("rank %d: resuming from %s", rank, checkpoint.path)
+                trainer.train(resume_from_checkpoint=os.path.join(folder, CHECKPOINT_DIR))
+
+        final = os.path.join(local, "final")
+        trainer.save_model(final)  # every rank: ZeRO-3 gathers the weights here
+        if rank != 0:
+            return
+        processor.save_pretrained(final)
+        output = job["output"]
+        records = step_records(trainer.state.log_history)
+        write_log(records, f"{output.rstrip('/')}/{LOG_FILE}")
+        if records:
+            plot_loss(records, f"{output.rstrip('/')}/{PLOT_FILE}", title=f"DPO {cfg.run.name}: {cfg.model}")
+        if cfg.finetune == "full":
+            copy_tree(final, f"{output.rstrip('/')}/{FULL_MODEL_DIR}")
+            return
+        copy_tree(final, f"{output.rstrip('/')}/{ADAPTER_DIR}")
+        if cfg.merge:
+            dtype = "bfloat16" if cfg.use_bf16() else "float32"
+            merge_adapter(job["model_path"], final, f"{output.rstrip('/')}/{MERGED_DIR}", dtype=dtype)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""The driver side of DPO training: check everything, then run the workers on Ray Train.
+
+    result = train(load_train_config("configs/train_tiny.yaml"), data="runs/tiny", output="runs/tiny-dpo")
+
+1. Before any worker starts: the config is validated (by its loader), the base model's processor is
+   loaded and every pair is checked with it (`data.check_pairs`), and the LoRA targets are matched
+   against the model's module names on the meta device (no weights loaded, so this is instant for 7B).
+2. A TorchTrainer runs `dpo.train_worker` on `scaling.num_workers` workers. Its RunConfig gives the run
+   a name and a storage path (default OUTPUT/ray) where checkpoints go, and a FailureConfig: a worker
+   that dies restarts the group from the latest checkpoint. Rerunning the same command finds the same
+   run in storage and resumes it (Train V2: `ray.train.get_checkpoint()` in the workers); a changed
+   config on an existing output is refused unless `overwrite`.
+3. OUTPUT gets `adapter/` (or `model/` for full fine-tuning), `merged/`, `train_log.jsonl`, `loss.png`
+   from rank 0, and `train_summary.json` (config, data counts, versions, final metrics, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyarrow import fs as pafs
+
+from synthalign_ray import store
+from synthalign_ray.stages.common import resolve_model_path
+from synthalign_ray.train import data as train_data
+from synthalign_ray.train.config import TrainConfig
+from synthalign_ray.train.dpo import lora_targets, train_worker
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "train_summary.json"
+
+
+class TrainRunError(ValueError):
+    """A training run that cannot start as asked (e.g. an existing output with another config)."""
+
+
+@dataclass
+class TrainResult:
+    output: str
+    data: train_data.DataReport
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    seconds: float
+
+
+def _output_uri(output: str) -> str:
+    return output if "://" in output else os.path.abspath(os.path.expanduser(output))
+
+
+def storage_path(cfg: TrainConfig, output: str) -> str:
+    path = cfg.run.storage_path or store.join(_output_uri(output), "ray")
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def check_lora_on_meta(model_path: str, cfg: TrainConfig) -> list[str]:
+    """LoRA target modules of the model, matched on an empty (meta-device) instance of its architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    return lora_targets(model, cfg)
+
+
+def _claim_output(cfg: TrainConfig, data: str, output: str, overwrite: bool) -> None:
+    """Record the run's config in OUTPUT; an existing run with another config or data is refused."""
+    uri = store.join(_output_uri(output), CONFIG_FILE)
+    wanted = {"config": cfg.model_dump(mode="json"), "data": data}
+    fs, path = store.filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound and not overwrite:
+        existing = store.read_json(uri)
+        if existing != json.loads(json.dumps(wanted)):
+            raise TrainRunError(
+                f"{output} holds a training run with another config or data ({CONFIG_FILE}); "
+                "use another output, or --overwrite to start afresh"
+            )
+    if overwrite:
+        run_folder = store.join(storage_path(cfg, output), cfg.run.name)
+        run_fs, run_path = store.filesystem(run_folder)
+        if run_fs.get_file_info(run_path).type == pafs.FileType.Directory:
+            run_fs.delete_dir(run_path)
+    store.write_json(uri, wanted)
+
+
+def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
+    """Everything checked before workers start; returns the local model path and the data report."""
+    from transformers import AutoProcessor
+
+    model_path = resolve_model_path(cfg.model)
+    processor = AutoProcessor.from_pretrained(model_path)
+    report = train_data.check_pairs(data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long)
+    if report.skipped_too_long:
+        log.warning(
+            "%s: skipping %d of %d pairs longer than dpo.max_length %d",
+            data, len(report.skipped_too_long), report.rows, cfg.dpo.max_length,
+        )  # fmt: skip
+    if cfg.finetune == "lora":
+        check_lora_on_meta(model_path, cfg)
+    return model_path, report
+
+
+def train(
+    cfg: TrainConfig, data: str, output: str, *, overwrite: bool = False, max_steps: int | None = None
+) -> TrainResult:
+    """Train on DATA's pairs into OUTPUT (see the module docstring). `max_steps` overrides the config's
+    (the benchmark and tests stop runs early with it without changing the run's identity)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.monotonic()
+    model_path, report = prepare(cfg, data)
+    _claim_output(cfg, data, output, overwrite)
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address)
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "model_path": model_path,
+            "files": report.files,
+            "image_column": report.image_column,
+            "skip_rows": report.skipped_too_long,
+            "output": _output_uri(output),
+            "max_steps": max_steps,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg, output),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": dict(cfg.run.env)} if cfg.run.env else None,
+        ),
+    )
+    result = trainer.fit()
+    seconds = time.monotonic() - started
+    metrics = dict(result.metrics or {})
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    store.write_json(
+        store.join(_output_uri(output), SUMMARY_FILE),
+        {
+            "config": cfg.model_dump(mode="json"),
+            "data": {"source": data, **report.summary()},
+            "model_path": model_path,
+            "versions": store.package_versions(),
+            "last_checkpoint": checkpoint,
+            "last_checkpoint_metrics": metrics,
+            "seconds": round(seconds, 1),
+        },
+    )
+    return TrainResult(output=output, data=report, metrics=metrics, checkpoint=checkpoint, seconds=seconds)
