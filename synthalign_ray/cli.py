@@ -142,6 +142,62 @@ def import_(
     typer.echo(f"{output}: {table.num_rows} pairs imported from {json_file}")
 
 
+# --- DPO training (issue 4): `synthalign train` and `synthalign merge` --------------------------------
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option("--config", "-c", help="training YAML config (configs/train_tiny.yaml)")],
+    data: Annotated[str, typer.Option("--data", "-d", help="pairs: a run folder (its pairs/), a Parquet folder or file, local or URI")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for the adapter, merged model, log")],
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the run's checkpoints and start afresh")] = False,
+):
+    """DPO-train the config's LVLM on DATA's pairs with Ray Train; rerunning the same command resumes."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.train.config import load_train_config
+    from synthalign_ray.train.data import DataError
+    from synthalign_ray.train.dpo import LoraTargetError
+    from synthalign_ray.train.trainer import TrainRunError
+    from synthalign_ray.train.trainer import train as run_training
+
+    try:
+        cfg = load_train_config(config, overrides or [])
+        result = run_training(cfg, data, output, overwrite=overwrite)
+    except (ConfigError, DataError, LoraTargetError, TrainRunError) as e:
+        _fail(str(e))
+    d = result.data
+    loss = result.metrics.get("loss")
+    typer.echo(
+        f"{output}: trained on {d.trained_rows} of {d.rows} pairs ({len(d.skipped_too_long)} over max_length skipped), "
+        f"last checkpoint step {result.metrics.get('step')}, loss {loss if loss is None else round(loss, 4)}, "
+        f"{result.seconds:.1f}s"
+    )
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (OUTPUT/adapter of a training run)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for the merged model")],
+    base: Annotated[Optional[str], typer.Option("--base", help="base model (default: the adapter's base_model_name_or_path)")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16")] = "auto",
+):
+    """Merge a LoRA adapter into its base model, saved in the HF format vLLM serves (with processor files)."""
+    from pathlib import Path
+
+    from synthalign_ray.stages.common import resolve_model_path
+    from synthalign_ray.train.merge import merge_adapter
+
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        _fail(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        _fail(f"{config_file}: no base_model_name_or_path; pass --base")
+    merge_adapter(resolve_model_path(base), adapter, output, dtype=dtype)
+    typer.echo(f"{output}: {base} + {adapter} merged")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
