@@ -1,0 +1,89 @@
+"""The stage table of a finished run, over hand-made Ray Data stats objects (Ray's own dataclasses, so a
+renamed field in Ray fails here rather than at the end of a long run)."""
+
+from ray.data._internal.stats import DatasetStatsSummary, IterStatsSummary, OperatorStatsSummary, StatsSummary
+
+from synthalign_ray.progress import StageStats, format_table, is_write, stage_stats
+
+
+def operator(name, rows_out, *, rows_in=None, wall_s, busy_s):
+    return OperatorStatsSummary(
+        operator_name=name,
+        is_sub_operator=False,
+        time_total_s=wall_s,
+        earliest_start_time=100.0,
+        latest_end_time=100.0 + wall_s,
+        block_execution_summary_str="",
+        wall_time=StatsSummary(min=0, max=busy_s, mean=busy_s, sum=busy_s, count=1),
+        output_num_rows=StatsSummary(min=rows_out, max=rows_out, mean=rows_out, sum=rows_out, count=1),
+        total_input_num_rows=rows_in,
+    )
+
+
+def dataset(number, op, parents=(), total_s=40.0, uuid="ds"):
+    iter_stats = IterStatsSummary(*[0] * len(IterStatsSummary.__dataclass_fields__))
+    return DatasetStatsSummary(
+        operators_stats=[op],
+        iter_stats=iter_stats,
+        parents=list(parents),
+        number=number,
+        dataset_uuid=uuid,
+        time_total_s=total_s,
+        base_name=op.operator_name,
+        extra_metrics={},
+        global_bytes_spilled=0,
+        global_bytes_restored=0,
+        dataset_bytes_spilled=0,
+        streaming_exec_schedule_s=0,
+        streaming_exec_schedule_avg_s=0,
+        streaming_exec_schedule_max_s=0,
+        streaming_exec_schedule_p50_s=0,
+        streaming_exec_schedule_p90_s=0,
+    )
+
+
+def pipeline_stats():
+    """The chain Ray reports after `write_datasink`: source <- images (actors) <- fused pairs + write."""
+    source = dataset(0, operator("FromArrow", 6, rows_in=0, wall_s=0.0, busy_s=0.01))
+    images = dataset(1, operator("MapBatches(ImageGenerator)", 6, rows_in=6, wall_s=10.0, busy_s=9.0), [source])
+    # A write operator's output is one result row per write task (3 here), not the 6 rows it wrote.
+    write = operator("MapBatches(PairBuilder)->Write", 3, rows_in=6, wall_s=8.0, busy_s=2.5)
+    return dataset(2, write, [images])
+
+
+def test_stages_come_source_first_with_rows_times_and_rates():
+    stages = stage_stats(pipeline_stats())
+    assert [s.stage for s in stages] == ["FromArrow", "MapBatches(ImageGenerator)", "MapBatches(PairBuilder)->Write"]
+    source, images, write = stages
+    assert source.rows_in is None and source.rows_out == 6 and source.rows_per_s == 0.0
+    assert (images.rows_in, images.rows_out, images.wall_s, images.busy_s) == (6, 6, 10.0, 9.0)
+    assert images.rows_per_s == 0.6 and images.share_of_run == 0.25
+
+
+def test_a_write_counts_the_rows_it_wrote_not_its_result_rows():
+    write = stage_stats(pipeline_stats())[-1]
+    assert write.rows_in == write.rows_out == 6
+    assert write.rows_per_s == 0.75 and write.share_of_run == 0.2
+    assert is_write("Write") and is_write("MapBatches(PairBuilder)->Write")
+    assert not is_write("MapBatches(Rewrite)") and not is_write("Write->MapBatches(x)")
+
+
+def test_a_parent_shared_by_two_branches_is_listed_once():
+    source = dataset(0, operator("FromArrow", 4, rows_in=0, wall_s=0.0, busy_s=0.0))
+    union = dataset(1, operator("Union", 8, rows_in=8, wall_s=1.0, busy_s=0.0), [source, source])
+    assert [s.stage for s in stage_stats(union)] == ["FromArrow", "Union"]
+
+
+def test_table_aligns_columns_and_states_the_run_time():
+    stages = stage_stats(pipeline_stats())
+    lines = format_table(stages, run_s=40.0).splitlines()
+    assert lines[0].split() == ["stage", "rows", "in", "rows", "out", "wall", "s", "busy", "s", "rows/s", "%", "of", "run"]
+    assert lines[1].split() == ["FromArrow", "-", "6", "0.00", "0.01", "0.00", "0.0"]
+    assert lines[2].split() == ["MapBatches(ImageGenerator)", "6", "6", "10.00", "9.00", "0.60", "25.0"]
+    assert len({len(line) for line in lines[:4]}) == 1  # right-aligned numbers: every row as wide
+    assert lines[4] == "execution time of the whole dataset: 40.00 s (stages overlap: they stream)"
+
+
+def test_manifest_rows_round_trip_to_the_same_table():
+    stages = stage_stats(pipeline_stats())
+    assert [StageStats(**s.to_dict()) for s in stages] == stages
