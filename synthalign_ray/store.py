@@ -95,19 +95,84 @@ def read_json(uri: str) -> dict[str, Any]:
         return json.loads(stream.read())
 
 
-def with_hf_features(table: pa.Table) -> pa.Table:
-    """Record the `datasets` features in the Parquet schema metadata, so that
-    `datasets.load_dataset("parquet", ...)` decodes image columns to PIL images instead of dicts."""
+# pyarrow types -> the `dtype` of a `datasets` Value feature, as `datasets` names them.
+HF_VALUE_DTYPES = {
+    pa.null(): "null",
+    pa.bool_(): "bool",
+    **{t: str(t) for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64())},
+    **{t: str(t) for t in (pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64())},
+    pa.float16(): "float16",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+    pa.string(): "string",
+    pa.large_string(): "large_string",
+    pa.binary(): "binary",
+    pa.large_binary(): "large_binary",
+}
+
+
+def hf_features_metadata(schema: pa.Schema) -> bytes:
+    """The `huggingface` Parquet schema metadata `datasets` writes for a schema: its features, with the
+    image columns (and lists of images) as `Image` features, so `datasets.load_dataset("parquet", ...)`
+    decodes them to PIL images instead of dicts.
+
+    Built here for the types our rows hold (the same bytes `datasets.Features` gives, checked by
+    tests/unit/test_hf_features.py), because the first `import datasets` in a fresh write-task worker
+    took ~10 s on a busy 2-core machine, nearly all of the write stage. Other types go to `datasets`."""
+    if schema.metadata and b"huggingface" in schema.metadata:
+        return hf_features_metadata_by_datasets(schema)  # `datasets` starts from the features recorded there
+    try:
+        features = {field.name: _top_level_feature(field.type) for field in schema}
+    except _NotMapped:
+        return hf_features_metadata_by_datasets(schema)
+    return json.dumps({"info": {"features": features}}).encode()
+
+
+def hf_features_metadata_by_datasets(schema: pa.Schema) -> bytes:
+    """`hf_features_metadata` computed by `datasets` itself (imports it: seconds in a fresh process)."""
     from datasets import Features, Image, List
 
-    features = Features.from_arrow_schema(table.schema)
-    for field in table.schema:
+    features = Features.from_arrow_schema(schema)
+    for field in schema:
         if field.type == IMAGE_TYPE:
             features[field.name] = Image()
         elif pa.types.is_list(field.type) and field.type.value_type == IMAGE_TYPE:
             features[field.name] = List(Image())
+    return json.dumps({"info": {"features": features.to_dict()}}).encode()
+
+
+class _NotMapped(Exception):
+    """A type `hf_features_metadata` leaves to `datasets`."""
+
+
+def _top_level_feature(type_: pa.DataType) -> dict[str, Any]:
+    # Only a column, or a column's list, is an image, as in `hf_features_metadata_by_datasets`.
+    if type_ == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(type_) and type_.value_type == IMAGE_TYPE:
+        return {"feature": {"_type": "Image"}, "_type": "List"}
+    return _feature(type_)
+
+
+def _feature(type_: pa.DataType) -> dict[str, Any]:
+    """`datasets.features.generate_from_arrow_type(type_).to_dict()`, for the types mapped here."""
+    if pa.types.is_struct(type_):
+        return {field.name: _feature(field.type) for field in type_}
+    if pa.types.is_fixed_size_list(type_):
+        return {"feature": _feature(type_.value_type), "length": type_.list_size, "_type": "List"}
+    if pa.types.is_list(type_):
+        return {"feature": _feature(type_.value_type), "_type": "List"}
+    if pa.types.is_large_list(type_):
+        return {"feature": _feature(type_.value_type), "_type": "LargeList"}
+    if type_ in HF_VALUE_DTYPES:
+        return {"dtype": HF_VALUE_DTYPES[type_], "_type": "Value"}
+    raise _NotMapped(type_)
+
+
+def with_hf_features(table: pa.Table) -> pa.Table:
+    """`table` with the `datasets` features (`hf_features_metadata`) in its schema metadata."""
     metadata = dict(table.schema.metadata or {})
-    metadata[b"huggingface"] = json.dumps({"info": {"features": features.to_dict()}}).encode()
+    metadata[b"huggingface"] = hf_features_metadata(table.schema)
     return table.replace_schema_metadata(metadata)
 
 
