@@ -107,6 +107,11 @@ def generate(
         f"{c['failed']} failed {c['failed_by_stage']}; {c['processed_this_run']} processed this run, "
         f"{c['rejected_input_rows']} input rows rejected, {result.seconds:.1f}s"
     )
+    if result.manifest["stages"]:
+        from synthalign_ray.progress import StageStats, format_table
+
+        stages = [StageStats(**stage) for stage in result.manifest["stages"]]
+        typer.echo(format_table(stages, run_s=result.manifest["execution_seconds"]))
 
 
 @app.command("export")

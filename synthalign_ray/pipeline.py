@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from synthalign_ray import store, zoo
+from synthalign_ray import progress, store, zoo
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
@@ -181,10 +181,15 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     init_ray(cfg)
 
     sink = store.StatusSplitDatasink(output)
+    execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
     if todo:
-        build_dataset(cfg, prompts).write_datasink(sink)
+        dataset = build_dataset(cfg, prompts)
+        dataset.write_datasink(sink)
+        execution = progress.run_stats(dataset)
     counts = accounting(output, rows, bad_rows, this_run=sink.counts)
-    manifest.update(counts=counts, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True)
+    manifest.update(
+        counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
+    )
     store.write_json(store.join(output, store.MANIFEST), manifest)
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
 

