@@ -14,6 +14,10 @@ restarted worker group (a worker died) or a rerun of the same command (same run 
 gets the latest one from `ray.train.get_checkpoint()` and resumes the HF Trainer from it: optimizer,
 scheduler, data position and log history included.
 
+Chaos testing: `SYNTHALIGN_INJECT_FAULTS=train:rank1-step5` (in `run.env`) SIGKILLs worker rank 1 right
+after optimizer step 5, in an attempt that started from scratch (a resumed attempt runs on), so the
+restart-from-checkpoint path runs for real.
+
 At the end rank 0 writes the adapter with the processor files, the training log and loss plot, and
 (with `merge: true`) the merged model.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -35,7 +40,8 @@ VISION_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "mm_pro
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 FULL_MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"  # the HF checkpoint inside a Ray checkpoint folder
+CHECKPOINT_DIR = "checkpoint"
+WORKER_RESULT_FILE = "train_worker_result.json"  # rank 0's last attempt: final step, where it resumed  # the HF checkpoint inside a Ray checkpoint folder
 
 
 class LoraTargetError(ValueError):
@@ -162,13 +168,33 @@ def report_checkpoint_callback():
     return ReportCheckpointToRay()
 
 
+def kill_at_step_callback(rank: int):
+    """The SIGKILL fault of SYNTHALIGN_INJECT_FAULTS for this rank (see the module docstring), or None."""
+    from transformers import TrainerCallback
+
+    from synthalign_ray.stages.common import injected_faults
+
+    steps = [int(f.split("-step", 1)[1]) for f in injected_faults("train") if f.startswith(f"rank{rank}-step")]
+    if not steps:
+        return None
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in steps:
+                log.warning("rank %d: injected fault: SIGKILL at step %d", rank, state.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAtStep()
+
+
 def train_worker(job: dict[str, Any]) -> None:
     """The Ray Train worker function. `job`: config (dict), model_path, files, image_column, skip_rows,
     output (local folder or URI)."""
     import ray.train
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, TrainerState, set_seed
     from trl import DPOTrainer
 
+    from synthalign_ray.store import write_json
     from synthalign_ray.train import data
     from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, step_records, write_log
     from synthalign_ray.train.merge import copy_tree, merge_adapter
@@ -181,6 +207,7 @@ def train_worker(job: dict[str, Any]) -> None:
         skip = set(job["skip_rows"])
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
 
+    set_seed(cfg.optim.seed)  # the same LoRA init on every worker and in every run
     model = load_model(job["model_path"], cfg)
     ref_model, peft_config = None, None
     if cfg.finetune == "lora":
@@ -192,6 +219,10 @@ def train_worker(job: dict[str, Any]) -> None:
     # A fresh local folder per worker and attempt: a crashed attempt's unregistered checkpoints must not
     # be mistaken for the latest one.
     local = tempfile.mkdtemp(prefix=f"synthalign-dpo-rank{rank}-")
+    checkpoint = ray.train.get_checkpoint()
+    callbacks = [report_checkpoint_callback()]
+    if checkpoint is None and (fault := kill_at_step_callback(rank)) is not None:
+        callbacks.append(fault)
     try:
         trainer = DPOTrainer(
             model=model,
@@ -200,15 +231,17 @@ def train_worker(job: dict[str, Any]) -> None:
             train_dataset=dataset,
             processing_class=processor,
             peft_config=peft_config,
-            callbacks=[report_checkpoint_callback()],
+            callbacks=callbacks,
         )
-        checkpoint = ray.train.get_checkpoint()
+        resumed_from_step = None
         if checkpoint is None:
             trainer.train()
         else:
             with checkpoint.as_directory() as folder:
-                log.info("rank %d: resuming from %s", rank, checkpoint.path)
-                trainer.train(resume_from_checkpoint=os.path.join(folder, CHECKPOINT_DIR))
+                hf_checkpoint = os.path.join(folder, CHECKPOINT_DIR)
+                resumed_from_step = TrainerState.load_from_json(os.path.join(hf_checkpoint, "trainer_state.json")).global_step
+                log.info("rank %d: resuming from %s (step %d)", rank, checkpoint.path, resumed_from_step)
+                trainer.train(resume_from_checkpoint=hf_checkpoint)
 
         final = os.path.join(local, "final")
         trainer.save_model(final)  # every rank: ZeRO-3 gathers the weights here
@@ -216,6 +249,10 @@ def train_worker(job: dict[str, Any]) -> None:
             return
         processor.save_pretrained(final)
         output = job["output"]
+        write_json(
+            f"{output.rstrip('/')}/{WORKER_RESULT_FILE}",
+            {"global_step": trainer.state.global_step, "resumed_from_step": resumed_from_step},
+        )
         records = step_records(trainer.state.log_history)
         write_log(records, f"{output.rstrip('/')}/{LOG_FILE}")
         if records:

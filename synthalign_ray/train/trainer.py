@@ -29,7 +29,7 @@ from synthalign_ray import store
 from synthalign_ray.stages.common import resolve_model_path
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
-from synthalign_ray.train.dpo import lora_targets, train_worker
+from synthalign_ray.train.dpo import WORKER_RESULT_FILE, lora_targets, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class TrainResult:
     metrics: dict[str, Any]
     checkpoint: str | None
     seconds: float
+    worker: dict[str, Any]  # rank 0's last attempt: global_step, resumed_from_step (None: from scratch)
 
 
 def _output_uri(output: str) -> str:
@@ -150,6 +151,7 @@ def train(
     seconds = time.monotonic() - started
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
+    worker = store.read_json(store.join(_output_uri(output), WORKER_RESULT_FILE))
     store.write_json(
         store.join(_output_uri(output), SUMMARY_FILE),
         {
@@ -159,7 +161,8 @@ def train(
             "versions": store.package_versions(),
             "last_checkpoint": checkpoint,
             "last_checkpoint_metrics": metrics,
+            "worker": worker,
             "seconds": round(seconds, 1),
         },
     )
-    return TrainResult(output=output, data=report, metrics=metrics, checkpoint=checkpoint, seconds=seconds)
+    return TrainResult(output=output, data=report, metrics=metrics, checkpoint=checkpoint, seconds=seconds, worker=worker)
