@@ -135,21 +135,26 @@ def load_pairs(files: list[str], image_col: str, decode: bool = True):
     return dataset.cast_column("image", image_feature)
 
 
-def _row_locator(files: list[str]):
-    """Row index of the concatenated dataset -> 'FILE row N (id X)' for error messages."""
+def row_counts(files: list[str]) -> list[int]:
+    """Rows per file, from the Parquet footers (no data read)."""
     counts = []
     for uri in files:
         fs, path = store.filesystem(uri)
         counts.append(pq.ParquetFile(path, filesystem=fs).metadata.num_rows)
+    return counts
+
+
+def _row_locator(files: list[str], counts: list[int]):
+    """Row index of the concatenated dataset -> 'FILE row N (id X)' for error messages."""
 
     def locate(index: int) -> str:
         for uri, n in zip(files, counts):
             if index < n:
                 fs, path = store.filesystem(uri)
-                schema = pq.read_schema(path, filesystem=fs)
                 row_id = ""
-                if "id" in schema.names:
-                    row_id = f" (id {pq.read_table(path, columns=['id'], filesystem=fs).column('id')[index].as_py()!r})"
+                if "id" in pq.read_schema(path, filesystem=fs).names:
+                    ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id")
+                    row_id = f" (id {ids[index].as_py()!r})"
                 return f"{uri} row {index}{row_id}"
             index -= n
         raise IndexError(index)
@@ -192,10 +197,12 @@ def check_pairs(data: str, processor, model: str, max_length: int, too_long: str
     files = parquet_files(data)
     image_col = image_column(files)
     processor_image_token(processor, model)
-    dataset = load_pairs(files, image_col, decode=False)
-    if len(dataset) == 0:
+    counts = row_counts(files)
+    if sum(counts) == 0:
         raise DataError(f"{data}: no pairs (0 rows in {len(files)} Parquet file(s))")
-    locate = _row_locator(files)
+    files, counts = [f for f, n in zip(files, counts) if n], [n for n in counts if n]  # `datasets` fails on empty files
+    dataset = load_pairs(files, image_col, decode=False)
+    locate = _row_locator(files, counts)
     report = DataReport(files=files, rows=len(dataset), image_column=image_col)
     problems = []
     for index, row in enumerate(dataset):

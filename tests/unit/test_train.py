@@ -1,0 +1,219 @@
+"""Training pieces that need no Ray and no training step: config validation, DeepSpeed and LoRA
+settings, the data checks (on the tiny zoo LLaVA's processor), the training log, the run claim."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from synthalign_ray import store, zoo
+from synthalign_ray.config import ConfigError
+from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
+from synthalign_ray.train import data as train_data
+from synthalign_ray.train import log as train_log
+from synthalign_ray.train.config import TrainConfig, load_train_config
+from synthalign_ray.train.dpo import LoraTargetError, deepspeed_config, is_vision_module
+from synthalign_ray.train.trainer import TrainRunError, _claim_output, check_lora_on_meta
+from tests.conftest import REPO
+from tests.integration.test_trl_dpo_accepts_pairs import synthetic_rows
+
+TINY = REPO / "configs" / "train_tiny.yaml"
+PAPER = REPO / "configs" / "train_paper.yaml"
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = TrainConfig(model="zoo:lvlm-llava")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.dpo.beta, cfg.dpo.loss_type) == (128, 256, 0.1, "sigmoid")
+    assert (cfg.optim.epochs, cfg.optim.learning_rate, cfg.optim.gradient_accumulation_steps) == (2, 1e-5, 4)
+    assert (cfg.deepspeed.zero_stage, cfg.finetune, cfg.report_to) == (2, "lora", [])
+
+
+def test_shipped_configs_validate():
+    tiny = load_train_config(TINY)
+    assert tiny.scaling.num_workers == 2 and not tiny.scaling.use_gpu and tiny.deepspeed.zero_stage == 2
+    paper = TrainConfig.model_validate(
+        {**__import__("yaml").safe_load(PAPER.read_text()), "model": "zoo:lvlm-llava"}  # no hub here
+    )
+    assert (paper.lora.r, paper.lora.alpha, paper.optim.gradient_accumulation_steps) == (128, 256, 4)
+    assert paper.scaling.use_gpu and paper.scaling.num_workers == 2 and paper.use_bf16()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal to 3"),
+        ("lora.rank=8", "lora.rank: unknown key"),
+        ("dpo.too_long=drop", "dpo.too_long: Input should be 'skip', 'fail' or 'truncate'"),
+        ("optim.bf16=true", "optim.bf16: bf16 training needs scaling.use_gpu: true"),
+        ("model=/no/such/model", "model: Value error, model path '/no/such/model' does not exist"),
+        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal to 1"),
+    ],
+)
+def test_config_errors_name_the_file_and_field(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_train_config(TINY, [override])
+    assert str(error.value).startswith(f"{TINY}: ")
+    assert message.replace("Value error, ", "") in str(error.value)
+
+
+def test_overrides_apply():
+    cfg = load_train_config(TINY, ["dpo.beta=0.5", "run.env={A: b}", "finetune=full"])
+    assert (cfg.dpo.beta, cfg.run.env, cfg.finetune) == (0.5, {"A": "b"}, "full")
+
+
+def test_deepspeed_config_follows_the_stage():
+    assert deepspeed_config(load_train_config(TINY, ["deepspeed.enabled=false"])) is None
+    for stage in range(4):
+        ds = deepspeed_config(load_train_config(TINY, [f"deepspeed.zero_stage={stage}"]))
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["gradient_accumulation_steps"] == "auto"  # filled from DPOConfig by transformers
+        assert ("stage3_gather_16bit_weights_on_model_save" in ds["zero_optimization"]) == (stage == 3)
+    offload = deepspeed_config(load_train_config(TINY, ["deepspeed.offload_optimizer=true"]))
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+# --- LoRA targets -----------------------------------------------------------------------------------
+
+
+def test_default_lora_targets_are_the_language_model_projections_only():
+    targets = check_lora_on_meta(str(zoo.build("lvlm-llava")), load_train_config(TINY))
+    # 2 decoder layers x (q, k, v, o, gate, up, down)
+    assert len(targets) == 14
+    assert all(name.startswith("model.language_model.layers.") for name in targets)
+    assert not any(is_vision_module(name) for name in targets)
+
+
+def test_a_plain_projection_list_reaches_the_vision_tower_and_is_refused():
+    path = str(zoo.build("lvlm-llava"))
+    plain = ["lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
+    with pytest.raises(LoraTargetError, match="vision-tower/projector module.*model.vision_tower"):
+        check_lora_on_meta(path, load_train_config(TINY, plain))
+    targets = check_lora_on_meta(path, load_train_config(TINY, [*plain, "lora.allow_vision=true"]))
+    assert any("vision_tower" in name for name in targets) and any("language_model" in name for name in targets)
+    with pytest.raises(LoraTargetError, match="match no linear layer"):
+        check_lora_on_meta(path, load_train_config(TINY, ["lora.target_modules=nothing_here"]))
+
+
+# --- data checks ------------------------------------------------------------------------------------
+
+
+def _pairs_table(n: int = 4) -> pa.Table:
+    built = PairBuilder(PairsConfig())(synthetic_rows(n))
+    return built.filter(pc.equal(built.column("status"), "ok"))
+
+
+def _write(folder, table: pa.Table, name: str = "part-0.parquet") -> str:
+    store.write_table(str(folder / "pairs" / name), store.with_hf_features(table))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(zoo.build("lvlm-llava"))
+
+
+def test_good_pairs_pass_and_only_trl_columns_load(tmp_path, processor):
+    run = _write(tmp_path, _pairs_table(4))
+    report = train_data.check_pairs(run, processor, "zoo:lvlm-llava", max_length=512, too_long="skip")
+    assert (report.rows, report.trained_rows, report.image_column) == (4, 4, "images")
+    dataset = train_data.load_pairs(report.files, report.image_column)
+    assert dataset.column_names == ["images", "prompt", "chosen", "rejected"]
+
+
+def test_pair_lengths_equal_what_trls_collator_builds(tmp_path, processor):
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    run = _write(tmp_path, _pairs_table(3))
+    files = train_data.parquet_files(run)
+    dataset = train_data.load_pairs(files, "images")
+    collator = DataCollatorForVisionPreference(processor=processor)
+    for row in dataset:
+        batch = collator([dict(row)])
+        expected = batch["attention_mask"].sum(dim=1).tolist()  # [chosen, rejected] rows
+        assert list(train_data.pair_lengths(processor, dict(row), row["images"])) == expected
+
+
+def test_too_long_pairs_are_skipped_and_counted_or_refused(tmp_path, processor):
+    run = _write(tmp_path, _pairs_table(4))
+    lengths = train_data.check_pairs(run, processor, "m", max_length=4096, too_long="skip").max_tokens
+    report = train_data.check_pairs(run, processor, "m", max_length=lengths - 1, too_long="skip")
+    assert 1 <= len(report.skipped_too_long) < 4 and report.trained_rows == 4 - len(report.skipped_too_long)
+    with pytest.raises(train_data.DataError, match=rf"part-0.parquet row \d+ \(id 'p\d'\): {lengths} tokens > dpo.max_length"):
+        train_data.check_pairs(run, processor, "m", max_length=lengths - 1, too_long="fail")
+    with pytest.raises(train_data.DataError, match="all 4 pairs are longer than dpo.max_length 8"):
+        train_data.check_pairs(run, processor, "m", max_length=8, too_long="skip")
+    assert train_data.check_pairs(run, processor, "m", max_length=8, too_long="truncate").trained_rows == 4
+
+
+def test_empty_data_and_missing_columns_are_named(tmp_path, processor):
+    empty = _write(tmp_path / "empty", _pairs_table(2).slice(0, 0))
+    with pytest.raises(train_data.DataError, match=r"no pairs \(0 rows in 1 Parquet file"):
+        train_data.check_pairs(empty, processor, "m", 512, "skip")
+    no_files = tmp_path / "nothing"
+    no_files.mkdir()
+    with pytest.raises(train_data.DataError, match="no Parquet files"):
+        train_data.check_pairs(str(no_files), processor, "m", 512, "skip")
+    with pytest.raises(train_data.DataError, match="no such file or folder"):
+        train_data.check_pairs(str(tmp_path / "missing"), processor, "m", 512, "skip")
+    no_rejected = _write(tmp_path / "cols", _pairs_table(2).drop_columns(["rejected", "images", "image"]))
+    with pytest.raises(train_data.DataError, match=r"cols/pairs/part-0.parquet: missing column\(s\) rejected, images \(or image\)"):
+        train_data.check_pairs(no_rejected, processor, "m", 512, "skip")
+
+
+def test_undecodable_image_names_file_row_and_id(tmp_path, processor):
+    table = _pairs_table(3)
+    images = table.column("images").to_pylist()
+    images[2] = [{"bytes": b"not a png", "path": None}]
+    table = table.set_column(table.schema.get_field_index("images"), "images", pa.array(images, table.schema.field("images").type))
+    run = _write(tmp_path, table)
+    with pytest.raises(train_data.DataError, match=r"part-0.parquet row 2 \(id 'p2'\): column images: image does not decode"):
+        train_data.check_pairs(run, processor, "m", 512, "skip")
+
+
+def test_processor_without_an_image_token_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    run = _write(tmp_path, _pairs_table(2))
+    tokenizer_only = AutoTokenizer.from_pretrained(zoo.build("lvlm-llava"))
+    with pytest.raises(train_data.DataError, match="text-only: the processor has no image token"):
+        train_data.check_pairs(run, tokenizer_only, "text-only", 512, "skip")
+
+
+# --- log and run claim ------------------------------------------------------------------------------
+
+
+def test_step_records_keep_one_entry_per_step_and_drop_the_summary(tmp_path):
+    history = [
+        {"loss": math.log(2), "rewards/margins": 0.0, "step": 1, "entropy": 7.0},
+        {"loss": 0.69, "rewards/margins": 0.01, "step": 2},
+        {"loss": 0.5, "rewards/margins": 0.2, "step": 2},  # step 2 again after a restart: the last wins
+        {"train_runtime": 3.0, "train_loss": 0.6, "step": 2},
+    ]
+    records = train_log.step_records(history)
+    assert records == [
+        {"loss": math.log(2), "rewards/margins": 0.0, "step": 1},
+        {"loss": 0.5, "rewards/margins": 0.2, "step": 2},
+    ]
+    train_log.write_log(records, str(tmp_path / "log" / train_log.LOG_FILE))
+    assert train_log.read_log(str(tmp_path / "log" / train_log.LOG_FILE)) == records
+    train_log.plot_loss(records, str(tmp_path / "log" / train_log.PLOT_FILE))
+    assert (tmp_path / "log" / train_log.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_output_with_another_config_is_refused(tmp_path):
+    cfg = load_train_config(TINY)
+    _claim_output(cfg, "runs/a", str(tmp_path), overwrite=False)
+    _claim_output(cfg, "runs/a", str(tmp_path), overwrite=False)  # the same run again: a resume
+    with pytest.raises(TrainRunError, match="another config or data"):
+        _claim_output(load_train_config(TINY, ["dpo.beta=0.2"]), "runs/a", str(tmp_path), overwrite=False)
+    with pytest.raises(TrainRunError):
+        _claim_output(cfg, "runs/b", str(tmp_path), overwrite=False)
+    _claim_output(cfg, "runs/b", str(tmp_path), overwrite=True)
