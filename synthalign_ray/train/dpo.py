@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 import tempfile
 from typing import Any
 
@@ -168,6 +169,20 @@ def report_checkpoint_callback():
     return ReportCheckpointToRay()
 
 
+def step_clock_callback():
+    """Wall-clock time at the end of each optimizer step of this attempt (time to first step, speed)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.step_end_unix: dict[int, float] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end_unix[state.global_step] = time.time()
+
+    return StepClock()
+
+
 def kill_at_step_callback(rank: int):
     """The SIGKILL fault of SYNTHALIGN_INJECT_FAULTS for this rank (see the module docstring), or None."""
     from transformers import TrainerCallback
@@ -199,6 +214,7 @@ def train_worker(job: dict[str, Any]) -> None:
     from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, step_records, write_log
     from synthalign_ray.train.merge import copy_tree, merge_adapter
 
+    started = time.time()
     cfg = TrainConfig.model_validate(job["config"])
     rank = ray.train.get_context().get_world_rank()
     processor = AutoProcessor.from_pretrained(job["model_path"])
@@ -220,7 +236,8 @@ def train_worker(job: dict[str, Any]) -> None:
     # be mistaken for the latest one.
     local = tempfile.mkdtemp(prefix=f"synthalign-dpo-rank{rank}-")
     checkpoint = ray.train.get_checkpoint()
-    callbacks = [report_checkpoint_callback()]
+    clock = step_clock_callback()
+    callbacks = [report_checkpoint_callback(), clock]
     if checkpoint is None and (fault := kill_at_step_callback(rank)) is not None:
         callbacks.append(fault)
     try:
@@ -251,7 +268,12 @@ def train_worker(job: dict[str, Any]) -> None:
         output = job["output"]
         write_json(
             f"{output.rstrip('/')}/{WORKER_RESULT_FILE}",
-            {"global_step": trainer.state.global_step, "resumed_from_step": resumed_from_step},
+            {
+                "global_step": trainer.state.global_step,
+                "resumed_from_step": resumed_from_step,
+                "worker_started_unix": started,
+                "step_end_unix": clock.step_end_unix,
+            },
         )
         records = step_records(trainer.state.log_history)
         write_log(records, f"{output.rstrip('/')}/{LOG_FILE}")

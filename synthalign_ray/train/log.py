@@ -17,7 +17,7 @@ PLOT_FILE = "loss.png"
 # What TRL's DPOTrainer logs per step, besides the loss (trl 1.16 names).
 STEP_KEYS = (
     "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-    "logps/chosen", "logps/rejected", "learning_rate", "grad_norm",
+    "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "num_tokens",
 )  # fmt: skip
 
 

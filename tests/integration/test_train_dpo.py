@@ -80,7 +80,8 @@ def two_workers(local_ray, pairs_run, tmp_path_factory):
 def test_two_workers_zero2_lora(two_workers):
     output, result = two_workers
     assert result.data.trained_rows == PAIRS
-    assert result.worker == {"global_step": STEPS, "resumed_from_step": None}
+    assert (result.worker["global_step"], result.worker["resumed_from_step"]) == (STEPS, None)
+    assert sorted(map(int, result.worker["step_end_unix"])) == list(range(1, STEPS + 1))
 
     records = train_log.read_log(str(output / train_log.LOG_FILE))
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
