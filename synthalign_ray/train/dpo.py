@@ -159,12 +159,15 @@ def report_checkpoint_callback():
 
     class ReportCheckpointToRay(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            saved = get_last_checkpoint(args.output_dir)
+            saved = get_last_checkpoint(args.output_dir)  # None on a rank that wrote no part of it
             metrics = {"step": state.global_step, "epoch": state.epoch or 0.0}
             metrics.update({k: v for k, v in (state.log_history[-1] if state.log_history else {}).items() if k != "step"})
             with tempfile.TemporaryDirectory(prefix="synthalign-ckpt-") as folder:
-                shutil.move(saved, os.path.join(folder, CHECKPOINT_DIR))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                checkpoint = None
+                if saved is not None:
+                    shutil.move(saved, os.path.join(folder, CHECKPOINT_DIR))
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank reports
 
     return ReportCheckpointToRay()
 
@@ -203,12 +206,13 @@ def kill_at_step_callback(rank: int):
 
 
 def train_worker(job: dict[str, Any]) -> None:
-    """The Ray Train worker function. `job`: config (dict), model_path, files, image_column, skip_rows,
-    output (local folder or URI)."""
+    """The Ray Train worker function. `job`: config (dict), files, image_column, skip_rows, output (local
+    folder or URI), max_steps (None: the config's)."""
     import ray.train
     from transformers import AutoProcessor, TrainerState, set_seed
     from trl import DPOTrainer
 
+    from synthalign_ray import zoo
     from synthalign_ray.store import write_json
     from synthalign_ray.train import data
     from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, step_records, write_log
@@ -217,20 +221,22 @@ def train_worker(job: dict[str, Any]) -> None:
     started = time.time()
     cfg = TrainConfig.model_validate(job["config"])
     rank = ray.train.get_context().get_world_rank()
-    processor = AutoProcessor.from_pretrained(job["model_path"])
+    # Resolved on the worker's node: a hub id downloads into that node's HF cache, a zoo model is built there.
+    model_path = zoo.resolve(cfg.model)
+    processor = AutoProcessor.from_pretrained(model_path)
     dataset = data.load_pairs(job["files"], job["image_column"])
     if job["skip_rows"]:
         skip = set(job["skip_rows"])
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
 
     set_seed(cfg.optim.seed)  # the same LoRA init on every worker and in every run
-    model = load_model(job["model_path"], cfg)
+    model = load_model(model_path, cfg)
     ref_model, peft_config = None, None
     if cfg.finetune == "lora":
         lora_targets(model, cfg)
         peft_config = lora_config(cfg)
     else:
-        ref_model = load_model(job["model_path"], cfg)
+        ref_model = load_model(model_path, cfg)
 
     # A fresh local folder per worker and attempt: a crashed attempt's unregistered checkpoints must not
     # be mistaken for the latest one.
@@ -285,6 +291,6 @@ def train_worker(job: dict[str, Any]) -> None:
         copy_tree(final, f"{output.rstrip('/')}/{ADAPTER_DIR}")
         if cfg.merge:
             dtype = "bfloat16" if cfg.use_bf16() else "float32"
-            merge_adapter(job["model_path"], final, f"{output.rstrip('/')}/{MERGED_DIR}", dtype=dtype)
+            merge_adapter(model_path, final, f"{output.rstrip('/')}/{MERGED_DIR}", dtype=dtype)
     finally:
         shutil.rmtree(local, ignore_errors=True)

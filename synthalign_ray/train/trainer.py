@@ -25,8 +25,7 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from synthalign_ray import store
-from synthalign_ray.stages.common import resolve_model_path
+from synthalign_ray import store, zoo
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
 from synthalign_ray.train.dpo import WORKER_RESULT_FILE, lora_targets, train_worker
@@ -91,10 +90,11 @@ def _claim_output(cfg: TrainConfig, data: str, output: str, overwrite: bool) -> 
 
 
 def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
-    """Everything checked before workers start; returns the local model path and the data report."""
+    """Everything checked before workers start; returns the model path or hub id and the data report.
+    Only the processor and config files are read here: the driver never downloads the weights."""
     from transformers import AutoProcessor
 
-    model_path = resolve_model_path(cfg.model)
+    model_path = zoo.resolve(cfg.model)
     processor = AutoProcessor.from_pretrained(model_path)
     report = train_data.check_pairs(data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long)
     if report.skipped_too_long:
@@ -129,7 +129,6 @@ def train(
         train_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
-            "model_path": model_path,
             "files": report.files,
             "image_column": report.image_column,
             "skip_rows": report.skipped_too_long,
