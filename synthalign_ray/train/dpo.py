@@ -271,9 +271,21 @@ def train_worker(job: dict[str, Any]) -> None:
         if rank != 0:
             return
         processor.save_pretrained(final)
-        output = job["output"]
+        output = job["output"].rstrip("/")
+        records = step_records(trainer.state.log_history)
+        write_log(records, f"{output}/{LOG_FILE}")
+        if records:
+            plot_loss(records, f"{output}/{PLOT_FILE}", title=f"DPO {cfg.run.name}: {cfg.model}")
+        if cfg.finetune == "full":
+            copy_tree(final, f"{output}/{FULL_MODEL_DIR}")
+        else:
+            copy_tree(final, f"{output}/{ADAPTER_DIR}")
+            if cfg.merge:
+                dtype = "bfloat16" if cfg.use_bf16() else "float32"
+                merge_adapter(model_path, final, f"{output}/{MERGED_DIR}", dtype=dtype)
+        # Last: its presence (read by the driver) says this attempt wrote everything above.
         write_json(
-            f"{output.rstrip('/')}/{WORKER_RESULT_FILE}",
+            f"{output}/{WORKER_RESULT_FILE}",
             {
                 "global_step": trainer.state.global_step,
                 "resumed_from_step": resumed_from_step,
@@ -281,16 +293,5 @@ def train_worker(job: dict[str, Any]) -> None:
                 "step_end_unix": clock.step_end_unix,
             },
         )
-        records = step_records(trainer.state.log_history)
-        write_log(records, f"{output.rstrip('/')}/{LOG_FILE}")
-        if records:
-            plot_loss(records, f"{output.rstrip('/')}/{PLOT_FILE}", title=f"DPO {cfg.run.name}: {cfg.model}")
-        if cfg.finetune == "full":
-            copy_tree(final, f"{output.rstrip('/')}/{FULL_MODEL_DIR}")
-            return
-        copy_tree(final, f"{output.rstrip('/')}/{ADAPTER_DIR}")
-        if cfg.merge:
-            dtype = "bfloat16" if cfg.use_bf16() else "float32"
-            merge_adapter(model_path, final, f"{output.rstrip('/')}/{MERGED_DIR}", dtype=dtype)
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -119,6 +119,10 @@ def train(
     started = time.monotonic()
     model_path, report = prepare(cfg, data)
     _claim_output(cfg, data, output, overwrite)
+    worker_result = store.join(_output_uri(output), WORKER_RESULT_FILE)
+    fs, path = store.filesystem(worker_result)
+    if fs.get_file_info(path).type == pafs.FileType.File:  # a previous run's: never read it as this one's
+        fs.delete_file(path)
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address)
 
@@ -150,7 +154,7 @@ def train(
     seconds = time.monotonic() - started
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    worker = store.read_json(store.join(_output_uri(output), WORKER_RESULT_FILE))
+    worker = store.read_json(worker_result)
     store.write_json(
         store.join(_output_uri(output), SUMMARY_FILE),
         {
