@@ -217,3 +217,14 @@ def test_an_output_with_another_config_is_refused(tmp_path):
     with pytest.raises(TrainRunError):
         _claim_output(cfg, "runs/b", str(tmp_path), overwrite=False)
     _claim_output(cfg, "runs/b", str(tmp_path), overwrite=True)
+
+
+def test_uri_data_is_copied_to_a_node_local_cache(tmp_path, processor, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the cache lives under ~/.cache/synthalign
+    run = _write(tmp_path / "run", _pairs_table(2))
+    files = train_data.parquet_files(f"file://{run}")
+    assert files == [f"file://{run}/pairs/part-0.parquet"]
+    (local,) = train_data.local_copies(files)
+    assert local.startswith(str(tmp_path / "home" / ".cache" / "synthalign" / "train-data"))
+    report = train_data.check_pairs(f"file://{run}", processor, "m", 512, "skip")
+    assert report.rows == 2 and len(train_data.load_pairs(report.files, report.image_column)) == 2
