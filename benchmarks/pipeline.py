@@ -1,0 +1,236 @@
+"""Throughput of the streamed pipeline against its slowest stage, and driver memory against prompt count.
+
+(a) Pipelining. `synthalign generate` runs the config on --prompts prompts. Rates come from Ray Data's
+    per-operator stats: rows out / (first task start to last task end), so actor start-up (model
+    loading; a vLLM engine takes 20-60 s on 2 busy cores) is never in them. In a steady state every
+    operator moves rows at the pipeline's rate; the slowest operator in the pipeline sets it (one that
+    waits for input is stretched to its feeder's pace, one that is held back by backpressure to the
+    pace it is let through), so the pipeline's steady-state rate is the lowest operator rate of the run.
+    Then every stage runs alone on the same rows: the rows it got in the pipeline (the previous stage's
+    output, materialized), fed to it in the same blocks, with nothing else running. A stage alone is
+    rated by its last operator, i.e. from its first output row to its last (its earlier operators may
+    have waited for an actor to start). Each LVLM of `responses` is its own stage (its own vLLM pool),
+    run alone on the instructions stage's output; all LVLMs together then make the reward model's input.
+    Printed: every stage's rate, the slowest, and pipeline rate / slowest stage rate (target >= 0.8).
+(b) Driver memory. `synthalign generate` in a subprocess on 100 and on 1000 prompts (a lighter config
+    through --rss-set; every stage still runs); the subprocess prints its own peak RSS
+    (getrusage(RUSAGE_SELF): the driver process alone, not Ray's workers). Printed: both peaks and the
+    growth (target < 20%).
+
+The machine is shared and noisy: the ratios are from one run of this script.
+
+    python benchmarks/pipeline.py [--config configs/tiny.yaml] [--prompts 120] [--rss-prompts 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from synthalign_ray import store
+from synthalign_ray.config import load_config
+from synthalign_ray.progress import StageStats, stage_stats
+from synthalign_ray.zoo import CORPUS
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("art", "school", "daily", "nature", "city")
+# Every prompt gets its instruction from the template: the tiny instruction file covers only its 6 ids.
+TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
+# (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
+LIGHT = ["images.guidance_scales=[5,7]", "images.steps=2", "resources.rows_per_block=4"]
+# Runs the CLI in the subprocess and prints the driver's own peak RSS, whatever the outcome.
+DRIVER = """
+import resource, sys
+from synthalign_ray.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print(f"DRIVER_PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
+"""
+
+
+@dataclass
+class StageRate:
+    stage: str
+    rows: int
+    operator: str  # the stage's last Ray Data operator, whose rate is the stage's
+    rows_per_s: float
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--prompts", type=int, default=120, help="(a): prompts through the pipeline and each stage")
+    parser.add_argument("--rss-prompts", type=int, nargs=2, default=[100, 1000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--rss-set", action="append", default=None, help=f"(b) overrides (default: {LIGHT})")
+    parser.add_argument("--skip", choices=["throughput", "rss"], help="run only the other part")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    print(f"work folder: {work}", flush=True)
+    lines = []
+    if args.skip != "throughput":
+        lines += throughput(args.config, args.prompts, work)
+    if args.skip != "rss":
+        lines += driver_memory(args.config, args.rss_prompts, args.rss_set or LIGHT, work)
+    print("\n".join(["", "=== benchmarks/pipeline.py ===", *lines]))
+
+
+# --- (a) pipelining -------------------------------------------------------------------------------
+
+
+def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
+    import ray
+
+    from synthalign_ray.pipeline import generate
+
+    prompts_file = write_prompts(work / f"prompts-{n_prompts}.jsonl", n_prompts)
+    cfg = load_config(REPO / config, [f"prompts.path={prompts_file}", *TEMPLATE_INSTRUCTIONS])
+    output = str(work / "pipeline")
+    started = time.perf_counter()
+    result = generate(cfg, output)
+    pipeline_s = time.perf_counter() - started
+    operators = [StageStats(**stage) for stage in result.manifest["stages"] if stage["rows_in"] is not None]
+    pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
+
+    alone = stages_alone(cfg, work)
+    slowest = min(alone, key=lambda s: s.rows_per_s)
+    same = sorted(ids_written(output)) == sorted(ids_written(str(work / "stages-alone")))
+    ray.shutdown()
+
+    lines = [
+        f"(a) {config}: {n_prompts} prompts, blocks of {cfg.resources.rows_per_block}, "
+        f"{result.counts['pairs']} pairs, {result.counts['dropped']} dropped, {result.counts['failed']} failed",
+        f"    whole pipeline: {pipeline_s:.1f} s wall (execution {result.manifest['execution_seconds']} s); steady state: "
+        f"{pipeline_slowest.rows_per_s:.3f} rows/s (its slowest operator: {pipeline_slowest.stage})",
+        "    each stage alone on the same rows (first output row to last):",
+        *(f"      {s.stage:28s} {s.rows_per_s:8.3f} rows/s  ({s.operator})" for s in alone),
+        f"    slowest stage alone: {slowest.stage} at {slowest.rows_per_s:.3f} rows/s",
+        f"    pipeline / slowest stage: {pipeline_slowest.rows_per_s / slowest.rows_per_s:.2f} (target >= 0.8)",
+        f"    stage-by-stage output holds the same ids as the pipeline's: {same}",
+        "    pipeline stage table (Ray Data stats):",
+        *(f"      {s['stage'][:60]:60s} {s['rows_per_s']:9.3f} rows/s  wall {s['wall_s']:7.2f} s" for s in result.manifest["stages"]),
+    ]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def stages_alone(cfg, work: Path) -> list[StageRate]:
+    """Each stage of `pipeline.build_dataset`, in its order, alone on the rows the pipeline gives it.
+
+    Mirrors build_dataset stage for stage (the last line of `throughput` checks that the outcome is the
+    pipeline's). Each stage's input is the previous stage's materialized output, re-read through
+    `from_arrow_refs` so that its stats hold its own operators only."""
+    import ray
+
+    from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
+    from synthalign_ray.stages.images import ImageGenerator
+    from synthalign_ray.stages.instructions import add_instructions
+    from synthalign_ray.stages.pairs import PairBuilder
+    from synthalign_ray.stages.response_scores import ResponseScorer
+    from synthalign_ray.stages.responses import add_responses
+
+    def pure(stage):
+        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+
+    prompts = store.read_table(store.join(str(work / "pipeline"), store.PROMPTS_FILE))
+    step = cfg.resources.rows_per_block
+    blocks = [ray.put(prompts.slice(start, step)) for start in range(0, prompts.num_rows, step)]
+    rates: list[StageRate] = []
+
+    def alone(name, apply, blocks, sink=None):
+        dataset = apply(ray.data.from_arrow_refs(blocks))
+        if sink is None:
+            dataset = dataset.materialize()
+        else:
+            dataset.write_datasink(sink)
+        last = stage_stats(dataset.get_stats_summary())[-1]
+        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s))
+        print(f"  alone: {name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
+        return None if sink is not None else dataset.to_arrow_refs()
+
+    images = alone("images", lambda ds: ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs()), blocks)
+    scored = alone(
+        "image_scores",
+        lambda ds: ds.map_batches(ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()),
+        images,
+    )
+    instructed = alone(
+        "selection + instructions",
+        lambda ds: add_instructions(ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by]))), cfg.instructions, run_seed=cfg.seed),
+        scored,
+    )
+    for model in cfg.responses.models:
+        one_model = cfg.responses.model_copy(update={"models": [model]})
+        alone(f"responses[{model.name}]", lambda ds: add_responses(ds, one_model, run_seed=cfg.seed), instructed)
+    answered = alone("responses (all LVLMs)", lambda ds: add_responses(ds, cfg.responses, run_seed=cfg.seed), instructed)
+    rates.pop()  # not a stage of its own: its LVLM pools are, each measured alone above
+    scored_answers = alone(
+        "response_scores",
+        lambda ds: ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg.response_scores}, **cfg.response_scores.pool.map_batches_kwargs()),
+        answered,
+    )
+    if cfg.judge is not None:
+        from synthalign_ray.stages.judge import add_judge_scores
+
+        scored_answers = alone("judge", lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed), scored_answers)
+    alone("pairs + write", lambda ds: ds.map_batches(**pure(PairBuilder(cfg.pairs))), scored_answers, sink=store.StatusSplitDatasink(str(work / "stages-alone")))
+    return rates
+
+
+def ids_written(output: str) -> list[str]:
+    return [i for folder in store.FOLDERS.values() for shard in Path(output, folder).glob("*.parquet") for i in pq.read_table(shard, columns=["id"]).column("id").to_pylist()]
+
+
+# --- (b) driver memory ----------------------------------------------------------------------------
+
+
+def driver_memory(config: str, sizes: list[int], overrides: list[str], work: Path) -> list[str]:
+    peaks = {}
+    for n in sizes:
+        prompts_file = write_prompts(work / f"prompts-{n}.jsonl", n)
+        output = work / f"rss-{n}"
+        sets = [f"prompts.path={prompts_file}", *TEMPLATE_INSTRUCTIONS, *overrides]
+        command = [sys.executable, "-c", DRIVER, "generate", "--config", config, "--output", str(output)]
+        for item in sets:
+            command += ["--set", item]
+        started = time.perf_counter()
+        with open(work / f"rss-{n}.log", "w") as log:
+            done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+        seconds = time.perf_counter() - started
+        rss = [line for line in done.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KIB=")]
+        if done.returncode != 0 or not rss:
+            raise RuntimeError(f"generate on {n} prompts failed (exit {done.returncode}); see {work / f'rss-{n}.log'}")
+        peaks[n] = int(rss[-1].split("=")[1]) / 1024
+        counts = json.loads((output / store.MANIFEST).read_text())["counts"]
+        print(f"  {n} prompts: driver peak RSS {peaks[n]:.0f} MiB, {seconds:.0f} s, {counts['pairs']} pairs", flush=True)
+    small, large = sizes
+    growth = peaks[large] / peaks[small] - 1
+    return [
+        f"(b) driver peak RSS, {config} with {' '.join(overrides)}:",
+        f"    {small} prompts: {peaks[small]:.0f} MiB; {large} prompts: {peaks[large]:.0f} MiB; "
+        f"growth {100 * growth:+.1f}% (target < 20%)",
+    ]
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """n distinct prompts (ids `CATEGORY-NNNNN`, words from the zoo corpus), JSONL."""
+    with open(path, "w") as out:
+        for i in range(n):
+            words = [CORPUS[(7 * i + k * 13) % len(CORPUS)] for k in range(8)]
+            category = CATEGORIES[i % len(CATEGORIES)]
+            out.write(json.dumps({"id": f"{category}-{i:05d}", "category": category, "prompt": " ".join(words)}) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    main()
