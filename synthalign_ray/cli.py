@@ -25,11 +25,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(config: str, overrides: list[str] | None):
-    from synthalign_ray.config import ConfigError, load_config
+def _load(config: str, overrides: list[str] | None, schema=None):
+    from synthalign_ray.config import ConfigError, SynthAlignConfig, load_config
 
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], schema or SynthAlignConfig)
     except ConfigError as e:
         _fail(str(e))
 
@@ -82,6 +82,29 @@ def zoo_list():
     for name, (_, description) in sorted(zoo.BUILDERS.items()):
         state = "built" if zoo.is_built(name) else "not built"
         typer.echo(f"{name:16s} {state:10s} {description}")
+
+
+@app.command("prompts")
+def prompts(
+    config: Annotated[str, typer.Option("--config", "-c", help="topic prompts YAML (see configs/topics_tiny.yaml)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="prompt file to write (JSONL: id, category, prompt)")],
+    overrides: SetOption = None,
+):
+    """Have an LLM write text-to-image prompts per topic into a prompt file to review before `generate`."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.stages.topic_prompts import TopicPromptsConfig, write_topic_prompts
+
+    cfg = _load(config, overrides, TopicPromptsConfig)
+    try:
+        report = write_topic_prompts(cfg, output)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(
+        f"{output}: {report['prompts']} prompts from {report['requests']} requests "
+        f"({report['failed_requests']} failed, removed {report['removed']}); report: {output}.report.json"
+    )
+    if report["short_topics"]:
+        typer.echo(f"warning: topics short of per_topic: {report['short_topics']} (raise oversample)", err=True)
 
 
 @app.command()

@@ -9,10 +9,10 @@ inputs raise `ConfigError`, whose message names the file and the dotted field, e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.stages.common import StrictModel
@@ -24,6 +24,9 @@ from synthalign_ray.stages.pairs import PairsConfig
 from synthalign_ray.stages.prompts import PromptsConfig
 from synthalign_ray.stages.response_scores import ResponseScoresConfig
 from synthalign_ray.stages.responses import ResponsesConfig
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -113,7 +116,9 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthAlignConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[M] = SynthAlignConfig) -> M:
+    """The config in a YAML file with `--set` overrides applied, validated as `schema` (the generation
+    config by default; other commands pass theirs)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -136,6 +141,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthAl
             if "://" not in relative and not Path(relative).is_absolute() and candidate.is_file():
                 settings["path"] = str(candidate)
     try:
-        return SynthAlignConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(str(path), e)) from None

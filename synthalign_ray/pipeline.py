@@ -1,8 +1,8 @@
 """Builds and runs the Ray Data graph of a config: one row per prompt, streamed through actor pools.
 
     prompts (blocks)-> ImageGenerator (pool) -> ImageScorer (pool) -> ImageSelector (tasks)
-                    -> InstructionWriter (tasks) -> one vLLM pool per LVLM (ray.data.llm)
-                    -> ResponseScorer (pool) -> PairBuilder (tasks)
+                    -> instructions (file/template tasks, or an LLM) -> one vLLM pool per LVLM (ray.data.llm)
+                    -> ResponseScorer (pool) -> [judge: a VLM, optional] -> PairBuilder (tasks)
                     -> StatusSplitDatasink (pairs/, dropped/, failed/)
 
 Every selection is row-local (the K images and M answers sit in list columns of their row), so there
@@ -23,14 +23,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from synthalign_ray import progress, store, zoo
-from synthalign_ray.config import ConfigError, SynthAlignConfig
+from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
+from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
-from synthalign_ray.stages.instructions import InstructionWriter, missing_instructions
+from synthalign_ray.stages.instructions import add_instructions, missing_instructions
+from synthalign_ray.stages.judge import add_judge_scores
 from synthalign_ray.stages.pairs import PairBuilder
 from synthalign_ray.stages.prompts import prompts_table, read_prompts
 from synthalign_ray.stages.response_scores import ResponseScorer
@@ -59,13 +62,16 @@ def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
     for i, model in enumerate(cfg.responses.models):
         refs[f"responses.models.{i}.model"] = model.model
     refs["response_scores.model"] = cfg.response_scores.model
+    for field, chat in cfg.chat_models().items():
+        refs[field] = chat.model if chat.backend == "vllm" else f"{chat.base_url} ({chat.model})"
     return refs
 
 
 def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
     """Build the zoo models a config names once, on the driver, before any actor races to do it."""
     for ref in model_refs(cfg).values():
-        zoo.resolve(ref)
+        if ref.startswith(zoo.ZOO_PREFIX):
+            zoo.resolve(ref)
 
 
 def build_dataset(cfg: SynthAlignConfig, prompts):
@@ -84,43 +90,63 @@ def build_dataset(cfg: SynthAlignConfig, prompts):
         ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
     )
     ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
-    ds = ds.map_batches(**pure(InstructionWriter(cfg.instructions)))
+    ds = add_instructions(ds, cfg.instructions, run_seed=cfg.seed)
     ds = add_responses(ds, cfg.responses, run_seed=cfg.seed)
     ds = ds.map_batches(
         ResponseScorer,
         fn_constructor_kwargs={"cfg": cfg.response_scores},
         **cfg.response_scores.pool.map_batches_kwargs(),
     )
+    if cfg.judge is not None:
+        ds = add_judge_scores(ds, cfg.judge, run_seed=cfg.seed)
     return ds.map_batches(**pure(PairBuilder(cfg.pairs)))
 
 
-def init_ray(cfg: SynthAlignConfig) -> None:
+def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] = ()) -> None:
+    """Join the configured (or the job's) Ray cluster, else start a local one; workers get the run's env."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} | cfg.resources.env
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} | resources.env
     if "SYNTHALIGN_ZOO" in os.environ:  # workers must find the same zoo as the driver
         env.setdefault("SYNTHALIGN_ZOO", os.environ["SYNTHALIGN_ZOO"])
-    joining = cfg.resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
+    # Endpoint keys go from the driver's environment to the workers' (never into the config or manifest).
+    for chat in chat_models:
+        if chat.api_key_env is not None:
+            env.setdefault(chat.api_key_env, os.environ[chat.api_key_env])
+    joining = resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
     ray.init(
-        address=cfg.resources.ray_address,
-        num_cpus=None if joining else cfg.resources.num_cpus,  # a running cluster's CPUs are its own
+        address=resources.ray_address,
+        num_cpus=None if joining else resources.num_cpus,  # a running cluster's CPUs are its own
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+def check_chat_environment(chat_models: dict[str, ChatModelConfig]) -> None:
+    """Every endpoint key variable is set, before anything starts."""
+    for field, chat in chat_models.items():
+        try:
+            chat.check_environment(field)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def config_fingerprint(cfg: SynthAlignConfig) -> str:
     """What makes two runs' rows comparable: everything but where and with how many replicas they ran,
     and how many prompts of the file were taken (growing a dataset with a higher limit is a resume)."""
     data = cfg.model_dump(mode="json", exclude={"resources": True, "prompts": {"limit", "on_bad_rows"}})
-    for section in data.values():
-        if isinstance(section, dict):
-            section.pop("pool", None)
-            for model in section.get("models", []) or []:
-                model.pop("pool", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_without_pools(data), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_pools(data: Any) -> Any:
+    """The config without any `pool` section, however deep (replicas and devices never change rows)."""
+    if isinstance(data, dict):
+        return {key: _without_pools(value) for key, value in data.items() if key != "pool"}
+    if isinstance(data, list):
+        return [_without_pools(item) for item in data]
+    return data
 
 
 def check_same_config(cfg: SynthAlignConfig, output: str, overwrite: bool) -> None:
@@ -149,6 +175,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     import ray
 
     started = time.time()
+    check_chat_environment(cfg.chat_models())
     rows, bad_rows = read_prompts(cfg.prompts, cfg.seed)
     for bad in bad_rows:
         log.warning("%s: skipped %s", cfg.prompts.path, bad)
@@ -178,7 +205,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     }
     store.write_json(store.join(output, store.MANIFEST), {**manifest, "complete": False})
     prepare_zoo_models(cfg)
-    init_ray(cfg)
+    init_ray(cfg.resources, cfg.chat_models().values())
 
     sink = store.StatusSplitDatasink(output)
     execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed

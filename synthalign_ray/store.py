@@ -78,15 +78,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_json(uri: str, payload: dict[str, Any]) -> None:
-    """Write JSON atomically where the filesystem allows (temp file + move)."""
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file atomically where the filesystem allows (temp file + move)."""
     fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+        out.write(data)
     fs.move(tmp, path)
+
+
+def write_json(uri: str, payload: dict[str, Any]) -> None:
+    write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(uri: str) -> dict[str, Any]:

