@@ -29,6 +29,7 @@ from typing import Any
 from synthalign_ray import progress, store, zoo
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
+from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
@@ -81,7 +82,10 @@ def build_dataset(cfg: SynthAlignConfig, prompts):
     def pure(stage):
         # Model-free stages run as Ray tasks on whole blocks (batch_size=None): a batch size would make
         # Ray Data bundle blocks up to it first, holding rows back from the output instead of streaming.
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+        # A fraction of a CPU each: with Ray Data's default of one, these tasks (and the shard writes)
+        # were starved by the CPUs the actor pools hold; on the tiny config every shard was committed in
+        # the last seconds of the run, so a late kill lost nearly all of its work.
+        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
 
     step = cfg.resources.rows_per_block
     ds = ray.data.from_arrow([prompts.slice(start, step) for start in range(0, prompts.num_rows, step)])
@@ -211,7 +215,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
     if todo:
         dataset = build_dataset(cfg, prompts)
-        dataset.write_datasink(sink)
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
         execution = progress.run_stats(dataset)
     counts = accounting(output, rows, bad_rows, this_run=sink.counts)
     manifest.update(

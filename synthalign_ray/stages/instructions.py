@@ -26,6 +26,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import RowStage, StrictModel
 from synthalign_ray.stages.prompts import BadRow, InputFileError, check_input_file, file_format, read_records
 
@@ -157,7 +158,9 @@ def add_instructions(ds, cfg: InstructionsConfig, *, run_seed: int):
     """`ds` with `instruction` and `instruction_source` on every ok row, from the configured source."""
     if cfg.source != "llm":
         # Pure: whole blocks as Ray tasks (batch_size=None keeps rows streaming; see pipeline.build_dataset).
-        return ds.map_batches(InstructionWriter(cfg), batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+        return ds.map_batches(
+            InstructionWriter(cfg), batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
+        )
     source = f"llm:{cfg.llm.model}"
 
     def request(row: dict[str, Any]) -> ChatRequest:
