@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from synthalign_ray.config import ConfigError, _format_errors, apply_overrides
+from synthalign_ray.config import load_config
 from synthalign_ray.stages.common import ModelRef, StrictModel
 
 # The language model's attention and MLP projections, and nothing else: in LLaVA-style models a plain
@@ -117,17 +116,4 @@ class TrainConfig(StrictModel):
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate a training config; `ConfigError` names the file and field."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(str(path), e)) from None
+    return load_config(path, overrides, TrainConfig)
