@@ -226,6 +226,37 @@ def merge(
     typer.echo(f"{output}: {base} + {adapter} merged")
 
 
+# --- Evaluation (issue 5): `synthalign evaluate` ----------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    config: Annotated[str, typer.Option("--config", "-c", help="evaluation YAML config (configs/eval_tiny.yaml)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id or zoo:NAME")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for metrics, predictions, comparison")],
+    benchmarks: Annotated[str, typer.Option("--benchmarks", "-b", help="comma-separated: pope")] = "pope",
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder applied to --model (merged first)")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="base model to compare with (default with --adapter: --model)")] = None,
+    overrides: SetOption = None,
+):
+    """Run benchmarks on a model (and its base) as Ray Data batch inference on vLLM; write metrics and a comparison."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.evaluate.pope import BenchmarkFileError
+    from synthalign_ray.evaluate.runner import evaluate as run_evaluation
+    from synthalign_ray.evaluate.runner import load_eval_config, summary_line
+
+    try:
+        cfg = load_eval_config(config, overrides or [])
+        summary = run_evaluation(
+            cfg, model=model, output=output, benchmarks=benchmarks.split(","), adapter=adapter, base=base, config_source=config
+        )
+    except (ConfigError, BenchmarkFileError) as e:
+        _fail(str(e))
+    typer.echo(f"{output}: {summary_line(summary)} ({summary['seconds']}s)")
+    if len(summary["models"]) == 2:
+        typer.echo(f"comparison: {output.rstrip('/')}/comparison.md")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
