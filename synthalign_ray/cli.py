@@ -257,6 +257,25 @@ def evaluate(
         typer.echo(f"comparison: {output.rstrip('/')}/comparison.md")
 
 
+@app.command("rescore-pope")
+def rescore_pope(
+    samples: Annotated[str, typer.Argument(help="lmms-eval POPE sample log (samples_pope*.jsonl, from --log_samples)")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="JSON file for the metrics (default: print)")] = None,
+):
+    """Re-score lmms-eval's logged POPE answers with the official POPE / LLaVA parser, per split."""
+    from synthalign_ray import store
+    from synthalign_ray.evaluate.lmms_eval import rescore_pope_samples
+    from synthalign_ray.evaluate.pope import BenchmarkFileError
+
+    try:
+        result = rescore_pope_samples(samples)
+    except BenchmarkFileError as e:
+        _fail(str(e))
+    if output:
+        store.write_json(output, result)
+    typer.echo(json.dumps(result if not output else result["mean"], indent=2))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
