@@ -191,8 +191,9 @@ def answer_questions(rows: list[dict[str, Any]], model: str, *, max_tokens: int,
     table = pa.concat_tables([ray.get(ref) for ref in answered.to_arrow_refs()]) if answered.count() else None
     if table is None or table.num_rows != len(rows):
         raise RuntimeError(f"POPE: {0 if table is None else table.num_rows} answers for {len(rows)} questions")
-    order = {row["id"]: i for i, row in enumerate(rows)}
-    table = table.take(sorted(range(table.num_rows), key=lambda i: order[table.column("id")[i].as_py()]))
+    order = {row["id"]: i for i, row in enumerate(rows)}  # the question files' order, whatever order blocks finished in
+    ids = table.column("id").to_pylist()
+    table = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
     return table.rename_columns(["question" if name == "text" else name for name in table.column_names]).drop_columns(["id"])
 
 
