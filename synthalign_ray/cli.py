@@ -276,6 +276,37 @@ def rescore_pope(
     typer.echo(json.dumps(result if not output else result["mean"], indent=2))
 
 
+# --- Dataset report (issue 6): `synthalign report` -------------------------------------------------
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="report folder (default: RUN/report)")] = None,
+    license: Annotated[str, typer.Option("--license", help="license id for the card's metadata (e.g. cc-by-4.0)")] = "unknown",
+    name: Annotated[Optional[str], typer.Option("--name", help="the card's pretty_name and title")] = None,
+    sample_size: Annotated[int, typer.Option("--sample-size", min=0, help="pairs shown in index.html")] = 200,
+    near_miss_margin: Annotated[
+        Optional[float], typer.Option("--near-miss-margin", help="margin at or below which a fluent rejected answer is a near miss (default: the margins' lower quartile)")
+    ] = None,
+):
+    """Write a run's dataset card (README.md), stats.json, plots and index.html, streaming over its shards."""
+    from synthalign_ray.report.build import ReportError, write_report
+
+    try:
+        result = write_report(run, output, license=license, pretty_name=name, sample_size=sample_size, near_miss_margin=near_miss_margin)
+    except ReportError as e:
+        _fail(str(e))
+    rows = result.stats["rows"]
+    plots = [f for f in result.files if f.startswith("plots/")]
+    typer.echo(
+        f"{result.output}: README.md, stats.json, index.html, {len(plots)} plots, {result.stats['sample_size']} sampled pairs "
+        f"({rows['pairs']} pairs, {rows['dropped']} dropped, {rows['failed']} failed)"
+    )
+    if result.stats["manifest"]["counts_mismatch"]:
+        typer.echo(f"warning: manifest counts differ from the shards: {result.stats['manifest']['counts_mismatch']}", err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
