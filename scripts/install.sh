@@ -35,6 +35,20 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip --disable-pip-version-check)
 
+# Headless Chromium for the report page test (tests/integration/test_report.py), which skips without
+# it. Debian's package, through apt; checked on every --test run (before the up-to-date stamp), so a
+# removed browser comes back. Without apt-get as root it is skipped with a message, not an error.
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } \
+      && echo "install.sh: chromium installed (report page test)" \
+      || echo "install.sh: apt-get could not install chromium; the report page test will be skipped" >&2
+  else
+    echo "install.sh: no apt-get as root here; install Chromium to run the report page test (skipped without it)" >&2
+  fi
+fi
+
 stamp="$venv/.synthalign-install"
 want="$device$extras $(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -90,7 +90,23 @@ function render() {
     list.appendChild(card);
   }
 }
-for (const id of ['f-category', 'f-model', 'f-kind', 'f-min', 'f-max']) $(id).addEventListener('input', render);
+// Filters live in the URL's hash too (index.html#category=city&min=0.1), so a filtered view can be shared.
+// Two views, the card and the pairs: #view=pairs (or any filter in the hash) opens the pairs.
+const FILTERS = {category: 'f-category', model: 'f-model', kind: 'f-kind', min: 'f-min', max: 'f-max'};
+function fromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  for (const [key, id] of Object.entries(FILTERS)) $(id).value = params.get(key) || '';
+  const pairsView = params.get('view') === 'pairs' || Object.keys(FILTERS).some(key => params.has(key));
+  $('card').hidden = pairsView; $('pairs').hidden = !pairsView;
+}
+function toHash() {
+  const params = new URLSearchParams({view: 'pairs'});
+  for (const [key, id] of Object.entries(FILTERS)) if ($(id).value) params.set(key, $(id).value);
+  history.replaceState(null, '', '#' + params);
+}
+for (const id of Object.values(FILTERS)) $(id).addEventListener('input', () => { toHash(); render(); });
+window.addEventListener('hashchange', () => { fromHash(); render(); });
+fromHash();
 render();
 """
 
@@ -112,14 +128,14 @@ def render_page(card: str, report: dict[str, Any], samples: list[dict[str, Any]]
 <html lang="en"><head><meta charset="utf-8"><title>Dataset report: {title}</title>
 <style>{STYLE}</style></head>
 <body>
-<header><b>Dataset report</b> &nbsp; {title} &nbsp; <a href="#card">card</a><a href="#pairs">pairs</a><a href="stats.json">stats.json</a><a href="README.md">README.md</a></header>
+<header><b>Dataset report</b> &nbsp; {title} &nbsp; <a href="#view=card">card</a><a href="#view=pairs">pairs</a><a href="stats.json">stats.json</a><a href="README.md">README.md</a></header>
 <main>
 <section id="card">{card_html}
 <details><summary>Card metadata (YAML front matter)</summary><pre>{html.escape(front)}</pre></details>
 </section>
-<section id="pairs"><h2>Sample of pairs</h2>
+<section id="pairs" hidden><h2>Sample of pairs</h2>
 <p>A uniform sample of {len(samples)} of the run's {report['rows']['pairs']} pairs (the pairs with the smallest hashes of
-their id). Reward = the reward model's score (`response_scores`); margin in the units of `pairs.rank_by`. The candidate images
+their id). Reward = the reward model's score (<code>response_scores</code>); margin in the units of <code>pairs.rank_by</code>. The candidate images
 show each scorer's score; the kept one is framed.</p>
 <div id="filters">
 <label>category <select id="f-category"><option value="">all</option></select></label>

@@ -211,3 +211,46 @@ def test_a_folder_without_shards_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "no Parquet shards" in result.output
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no headless Chromium on the PATH (bash scripts/install.sh --test installs Debian's chromium)")
+
+
+def test_page_filters_in_headless_chromium(report, tmp_path):
+    """Open index.html from disk with a filter in the URL; the page's script must show exactly the matching pairs."""
+    import subprocess
+
+    out, stats = report
+    page = open(f"{out}/index.html").read()
+    sample = json.loads(re.search(r'<script type="application/json" id="pairs-data">(.*?)</script>', page, re.S).group(1))
+    category, model = "animals", "internvl"
+    expected = [p["id"] for p in sample if p["category"] == category and model in (p["chosen"]["model"], p["rejected"]["model"])]
+    assert 0 < len(expected) < len(sample)  # the filter must narrow the sample, or the test proves nothing
+    url = f"file://{out}/index.html#category={category}&model={model}"
+    browser = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1400"]
+
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    shown = re.findall(r'<div class="pair" data-id="([^"]+)" data-category="([^"]+)"', dom)
+    assert [row_id for row_id, _ in shown] == expected
+    assert {c for _, c in shown} == {category}
+    assert f"showing {len(expected)} of {len(sample)} sampled pairs" in dom
+    assert re.search(r'<section id="card"[^>]*hidden', dom)  # the filtered view shows the pairs, not the card
+
+    shot = tmp_path / "pairs.png"
+    subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert image.size == (1200, 1400)
+    assert pixels.std() > 20  # not a blank page: text, images and coloured answer boxes
