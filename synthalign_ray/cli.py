@@ -307,6 +307,24 @@ def report(
         typer.echo(f"warning: manifest counts differ from the shards: {result.stats['manifest']['counts_mismatch']}", err=True)
 
 
+@app.command()
+def correlate(
+    runs: Annotated[str, typer.Argument(help="RUNS.yaml: runs (name, stats, evaluation), downstream metrics")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder for correlations.json, correlations.md, plots/")],
+    overrides: SetOption = None,
+):
+    """Pearson and Spearman (bootstrap 95% intervals) between runs' dataset metrics and downstream metrics."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.report.correlate import render_markdown, write_correlations
+
+    try:
+        result = write_correlations(runs, output, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(render_markdown(result))
+    typer.echo(f"{output}: correlations.json, correlations.md, plots/")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()

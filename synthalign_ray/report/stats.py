@@ -262,6 +262,8 @@ class RunStats:
     guidance_by_category: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     guidance_offered: Counter = field(default_factory=Counter)  # how many rows had each scale as a candidate
     selected_image_scores: list[float] = field(default_factory=list)
+    selected_clip_scores: list[float] = field(default_factory=list)  # of the kept image (chosen by image_scores)
+    selected_blip_scores: list[float] = field(default_factory=list)
     candidate_image_scores: list[float] = field(default_factory=list)
     # scorer agreement: sums of per-row overlap@k and chance, by scorer group
     agreement_rows: int = 0
@@ -316,6 +318,10 @@ class RunStats:
             self.candidate_image_scores.extend(s for s in scores if s is not None)
             if scores[index] is not None:
                 self.selected_image_scores.append(scores[index])
+        for column, kept in (("clip_scores", self.selected_clip_scores), ("blip_scores", self.selected_blip_scores)):
+            values = row.get(column)
+            if values is not None and index < len(values) and values[index] is not None:
+                kept.append(values[index])
         rankings = [row.get(name) for name in SCORERS]
         usable = all(r is not None and len(r) == len(scales) and all(s is not None and math.isfinite(s) for s in r) for r in rankings)
         if not usable:
@@ -418,6 +424,8 @@ class RunStats:
             "image_scores": {
                 "selected": summary(self.selected_image_scores),
                 "candidates": summary(self.candidate_image_scores),
+                "selected_clip": summary(self.selected_clip_scores),
+                "selected_blip": summary(self.selected_blip_scores),
             },
             "scorer_agreement": self.scorer_agreement(),
             "margins": summary(self.margins),
