@@ -110,7 +110,8 @@ def response_lengths(stats: RunStats) -> bytes | None:
     chosen, rejected = np.asarray(stats.chosen_words), np.asarray(stats.rejected_words)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     top = max(chosen.max(), rejected.max())
-    bins = np.histogram_bin_edges(np.concatenate([chosen, rejected]), bins=min(40, max(5, int(top) + 1)))
+    # Word counts are integers: one bin per count (edges at halves) while that stays readable, else 40 bins.
+    bins = np.arange(-0.5, top + 1.5) if top <= 60 else np.histogram_bin_edges(np.concatenate([chosen, rejected]), bins=40)
     # Side-by-side bars, not overlaid: overlapping translucent bars mix into a third colour.
     ax.hist([chosen, rejected], bins=bins, color=[CHOSEN_COLOR, REJECTED_COLOR],
             label=[f"chosen (median {np.median(chosen):g} words)", f"rejected (median {np.median(rejected):g} words)"])  # fmt: skip
