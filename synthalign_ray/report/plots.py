@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
 from synthalign_ray.report.stats import HARD_NEGATIVE_KINDS, EASY_KINDS, RunStats  # noqa: E402
 
 CHOSEN_COLOR, REJECTED_COLOR = "#2a7ab0", "#d0583a"
@@ -49,8 +51,9 @@ def guidance_selection(result: dict[str, Any]) -> bytes | None:
     if not guidance["rows"]:
         return None
     categories = list(guidance["by_category"])
+    # constrained layout leaves room for long category names between the panels (they overlapped the bars)
     fig, (left, right) = plt.subplots(
-        1, 2, figsize=(11, max(3.2, 0.45 * len(categories) + 1.6)), gridspec_kw={"width_ratios": [1, 1.4]}
+        1, 2, figsize=(11, max(3.2, 0.45 * len(categories) + 1.6)), gridspec_kw={"width_ratios": [1, 1.4]}, layout="constrained"
     )
     percents = [100 * guidance["share"][s] for s in scales]
     bars = left.bar(range(len(scales)), percents, color="#5b8cc0", tick_label=scales)
@@ -82,6 +85,7 @@ def image_scores(stats: RunStats) -> bytes | None:
     ax.hist(kept, bins=bins, color="#2a7ab0", alpha=0.8, label=f"kept image per row (n={len(kept)})")
     ax.set_xlabel("image score (image_scores: ImageReward)")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Image scores: candidates vs the kept image")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -100,6 +104,7 @@ def margins(stats: RunStats, result: dict[str, Any]) -> bytes | None:
         ax.legend(fontsize=8)
     ax.set_xlabel("margin = score(chosen) - score(rejected)")
     ax.set_ylabel("pairs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 ticks on small runs
     ax.set_title(f"Chosen - rejected margins ({len(values)} pairs; median {np.median(values):.3g})")
     return _png(fig)
 
@@ -117,6 +122,7 @@ def response_lengths(stats: RunStats) -> bytes | None:
             label=[f"chosen (median {np.median(chosen):g} words)", f"rejected (median {np.median(rejected):g} words)"])  # fmt: skip
     ax.set_xlabel("answer length (words)")
     ax.set_ylabel("pairs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Response length, chosen vs rejected ({len(chosen)} pairs)")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -170,6 +176,7 @@ def hard_negatives(result: dict[str, Any]) -> bytes | None:
     ax.bar_label(bars, labels=[f"{v} ({100 * v / total:.0f}%)" for v in values[::-1]], fontsize=8, padding=2)
     ax.set_xlim(0, max(values) * 1.25 + 1)
     ax.set_xlabel("pairs (kind of the rejected answer)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     threshold = result["hard_negatives"]["near_miss_margin"]
     ax.set_title(
         f"Hard-negative composition ({total} pairs): orange = easy negatives,\n"
