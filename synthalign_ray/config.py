@@ -45,6 +45,15 @@ class ResourcesConfig(StrictModel):
     )
 
 
+class ReportSettings(StrictModel):
+    """`synthalign report` at the end of `generate` (the same options as the command)."""
+
+    license: str = Field("unknown", description="license id for the dataset card, e.g. cc-by-4.0")
+    name: str | None = Field(None, description="the card's pretty_name and title")
+    sample_size: int = Field(200, ge=0, description="pairs shown in index.html")
+    near_miss_margin: float | None = Field(None, description="default: the margins' lower quartile")
+
+
 class SynthAlignConfig(StrictModel):
     seed: int = Field(0, ge=0, description="run seed: every image seed derives from it and the prompt id")
     prompts: PromptsConfig
@@ -56,6 +65,7 @@ class SynthAlignConfig(StrictModel):
     judge: JudgeConfig | None = Field(None, description="optional image-aware judge of the answers (beyond the paper)")
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    report: ReportSettings | None = Field(None, description="write the dataset card and report (RUN/report) at the end")
 
     @model_validator(mode="after")
     def _ranking_has_its_scores(self):

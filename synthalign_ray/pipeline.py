@@ -139,8 +139,9 @@ def check_chat_environment(chat_models: dict[str, ChatModelConfig]) -> None:
 
 def config_fingerprint(cfg: SynthAlignConfig) -> str:
     """What makes two runs' rows comparable: everything but where and with how many replicas they ran,
-    and how many prompts of the file were taken (growing a dataset with a higher limit is a resume)."""
-    data = cfg.model_dump(mode="json", exclude={"resources": True, "prompts": {"limit", "on_bad_rows"}})
+    how many prompts of the file were taken (growing a dataset with a higher limit is a resume), and the
+    report settings."""
+    data = cfg.model_dump(mode="json", exclude={"resources": True, "report": True, "prompts": {"limit", "on_bad_rows"}})
     return hashlib.sha256(json.dumps(_without_pools(data), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,6 +223,17 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
         counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
     )
     store.write_json(store.join(output, store.MANIFEST), manifest)
+    if cfg.report is not None:
+        from synthalign_ray.report.build import write_report
+
+        settings = cfg.report
+        write_report(
+            output,
+            license=settings.license,
+            pretty_name=settings.name,
+            sample_size=settings.sample_size,
+            near_miss_margin=settings.near_miss_margin,
+        )
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
 
 

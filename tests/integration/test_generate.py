@@ -39,7 +39,8 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     # First a run cut short (3 prompts), then the full command: it must resume, not redo.
     run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3")
-    result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out))
+    # The full run also writes the dataset card (report settings never make a run "another config").
+    result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "report={license: cc-by-4.0}")
     assert "3 processed this run" in result.stdout
     assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
     return out
@@ -123,3 +124,11 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
     result = run_cli("config", "validate", "configs/tiny.yaml", "--set", f"prompts.path={bad}", check=False)
     assert result.returncode == 2 and "line 2: duplicate id 'a'" in result.stderr
+
+
+def test_generate_writes_the_report_when_configured(run_dir):
+    stats = json.loads((run_dir / "report" / "stats.json").read_text())
+    assert stats["rows"]["pairs"] + stats["rows"]["dropped"] + stats["rows"]["failed"] == len(PROMPT_IDS)
+    card = (run_dir / "report" / "README.md").read_text()
+    assert card.startswith("---") and "license: cc-by-4.0" in card
+    assert (run_dir / "report" / "index.html").is_file()

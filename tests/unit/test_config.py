@@ -79,3 +79,21 @@ def test_paper_config_names_the_papers_settings(monkeypatch):
     assert cfg.images.steps == 28
     assert cfg.image_scores.model == "THUDM/ImageReward"
     assert cfg.image_scores.select_by == "image_reward"
+
+
+def test_fingerprint_ignores_where_and_how_a_run_goes_but_not_what_it_makes():
+    from synthalign_ray.pipeline import config_fingerprint
+
+    base = config_fingerprint(load_config(TINY))
+    same = [
+        "resources.num_cpus=4",
+        "prompts.limit=2",
+        "images.pool.max_actors=3",
+        "response_scores.pool.batch_size=8",
+        "report={license: cc-by-4.0}",
+    ]
+    for override in same:
+        assert config_fingerprint(load_config(TINY, [override])) == base, override
+    for override in ["images.steps=3", "pairs.rank_by=reward", "images.guidance_scales=[5,7]"]:
+        changed = config_fingerprint(load_config(TINY, [override])) != base
+        assert changed == (override != "pairs.rank_by=reward"), override  # rank_by=reward is the default
