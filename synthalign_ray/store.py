@@ -65,7 +65,9 @@ def _abs(path: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """`base/part/...`; a URI's query (s3://bucket/run?endpoint_override=...) stays at the end."""
+    base, separator, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + separator + query
 
 
 def package_versions() -> dict[str, str]:
