@@ -29,7 +29,7 @@ from typing import Any
 from synthalign_ray import progress, store, zoo
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
+from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, submitted_job_env_vars
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
@@ -119,6 +119,10 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
     for chat in chat_models:
         if chat.api_key_env is not None:
             env.setdefault(chat.api_key_env, os.environ[chat.api_key_env])
+    # Under `ray job submit`, the job's runtime env already reaches every worker of the job, and ray.init
+    # refuses an env var the job's runtime env sets too (e.g. SYNTHALIGN_ZOO in --runtime-env-json):
+    # those are left to the job.
+    env = {key: value for key, value in env.items() if key not in submitted_job_env_vars()}
     joining = resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
     ray.init(
         address=resources.ray_address,

@@ -35,6 +35,7 @@ a spawned process that re-imports the main module.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -139,6 +140,9 @@ def build_engine_processor(
     env = dict((runtime_env or {}).get("env_vars", {}))
     if num_gpus == 0:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB))
+    # build_processor calls ray.init with this runtime env, which under `ray job submit` refuses a
+    # variable the job's runtime env sets too; the job's value reaches the engines anyway.
+    env = {key: value for key, value in env.items() if key not in submitted_job_env_vars()}
 
     config = vLLMEngineProcessorConfig(
         model_source=zoo.resolve(model),
@@ -168,6 +172,14 @@ def build_engine_processor(
         # longer sees the placement group (popped on the first run) and asks for a GPU.
         processor.stages[name] = processor.stages[name].model_copy(update={"fn": _multi_sample_udf()})
     return processor
+
+
+def submitted_job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime env `ray job submit` gave this driver (none outside a submitted job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:

@@ -1,0 +1,177 @@
+"""`ray job submit` of the tiny generate job, its resume, and the tiny DPO training on its pairs, to a Ray
+head the test starts on 127.0.0.1, as a user submits to a cluster: `--working-dir .` uploads the repo,
+the job joins the cluster through the RAY_ADDRESS Ray gives it. The output goes to s3:// on a local
+S3-compatible server (moto's), as a cluster's would go to a bucket; one generate run serves the job,
+the object-storage and the resume checks.
+
+Stopping the head: `ray stop` (with or without --force) stops every Ray process on the machine, other
+people's runs included. So the head gets a temp dir of its own, every process it starts carries that
+path in its command line (GCS, raylet, dashboard, agents, monitor), and the test ends exactly those
+processes and their descendants (workers, the job's driver): SIGTERM, then SIGKILL after a grace period.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from synthalign_ray import store
+from tests.conftest import REPO
+from tests.integration.test_object_storage import BUCKET, S3_CREDENTIALS, s3_endpoint  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_env() -> dict:
+    # A loopback-only test cluster: no token auth between the test's own head, CLI and jobs.
+    return dict(os.environ, RAY_AUTH_MODE="disabled")
+
+
+def processes_of_head(temp_dir: str) -> list[psutil.Process]:
+    """The head's processes (their command lines name its temp dir) and everything they started."""
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in process.info["cmdline"] or []):
+            found[process.pid] = process
+            try:
+                found.update({child.pid: child for child in process.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+    return list(found.values())
+
+
+def stop_head(temp_dir: str, grace_seconds: float = 5) -> None:
+    processes = processes_of_head(temp_dir)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def ray_head_with_dashboard():
+    """A head with the dashboard (the job server) on free loopback ports; yields the dashboard URL."""
+    # Short path under /tmp: Ray's unix sockets live in it and socket paths are limited to 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="sa-ray-", dir="/tmp")
+    dashboard = free_port()
+    command = [
+        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8",
+        "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, env=ray_env(), capture_output=True, timeout=180)
+        assert processes_of_head(temp_dir), "no process names the head's temp dir: cannot stop it safely"
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_head(temp_dir)
+        assert not [p for p in processes_of_head(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> subprocess.CompletedProcess:
+    runtime_env = {
+        # The repo goes up as the job's working dir; the local venv and outputs do not.
+        "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"],
+        # The job's driver and its workers build and load the zoo models the test session uses, and
+        # reach the bucket with the credentials and endpoint given here.
+        "env_vars": {
+            "SYNTHALIGN_ZOO": os.environ["SYNTHALIGN_ZOO"],
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **env_vars,
+        },
+    }
+    # The entry point runs through the head's shell: name the venv's python (on a cluster node the
+    # launcher puts it first on the PATH, so `python` is the same interpreter).
+    command = [
+        RAY, "job", "submit", "--address", address, "--working-dir", ".",
+        "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, *entrypoint,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def ids_in(output: str, folder: str) -> list[str]:
+    fs, _ = store.filesystem(output)
+    shards = store.list_shards(store.join(output, folder))
+    return [i for shard in shards for i in pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist()]
+
+
+def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head_with_dashboard, s3_endpoint, tmp_path, monkeypatch):
+    run, dpo = f"s3://{BUCKET}/tiny", tmp_path / "dpo"
+    s3_env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # this process reads the bucket too
+    generate = ["jobs/generate.py", "--config", "configs/tiny.yaml", "--output", run]
+
+    started = time.monotonic()
+    result = submit(ray_head_with_dashboard, *generate, env_vars=s3_env, timeout=900)
+    generate_seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+
+    manifest = store.read_json(store.join(run, store.MANIFEST))
+    counts = manifest["counts"]
+    assert manifest["complete"] is True
+    assert counts["pairs"] + counts["dropped"] + counts["failed"] == counts["rows"] == len(PROMPT_IDS)
+    committed = {folder: ids_in(run, folder) for folder in ("pairs", "dropped", "failed")}
+    assert sorted(sum(committed.values(), [])) == PROMPT_IDS  # every prompt exactly once
+    assert counts["pairs"] == len(committed["pairs"]) > 0  # something for the training job
+
+    # The pairs as TRL's DPOTrainer gets them: `datasets` decodes the images from the shards' features.
+    import datasets
+
+    fs, _ = store.filesystem(run)
+    shards = store.list_shards(store.join(run, "pairs"))
+    pairs = datasets.Dataset(pq.ParquetDataset(shards, filesystem=fs).read())
+    assert pairs[0]["images"][0].size == (64, 64) and pairs[0]["chosen"] and pairs[0]["rejected"]
+
+    # The same job again: a resume with nothing left to do but the failed rows, which it retries.
+    shards_before = {folder: store.list_shards(store.join(run, folder)) for folder in ("pairs", "dropped")}
+    started = time.monotonic()
+    result = submit(ray_head_with_dashboard, *generate, env_vars=s3_env, timeout=600)
+    resume_seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    resumed = store.read_json(store.join(run, store.MANIFEST))
+    assert resumed["complete"] is True and resumed["counts"]["processed_this_run"] == counts["failed"]
+    if counts["failed"] == 0:
+        assert {f: store.list_shards(store.join(run, f)) for f in ("pairs", "dropped")} == shards_before
+    assert sorted(ids_in(run, "pairs") + ids_in(run, "dropped") + ids_in(run, "failed")) == PROMPT_IDS
+
+    # DPO on those pairs, read from the bucket: two Ray Train workers on the same head, two steps.
+    started = time.monotonic()
+    result = submit(
+        ray_head_with_dashboard, "jobs/train_dpo.py", "--config", "configs/train_tiny.yaml",
+        "--data", run, "--output", str(dpo), "--set", "optim.max_steps=2", "--set", "run.checkpoint_every=2",
+        env_vars=s3_env, timeout=600,
+    )  # fmt: skip
+    train_seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert (dpo / "train_summary.json").is_file()
+    steps = [json.loads(line) for line in (dpo / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    assert max(step["step"] for step in steps if "step" in step) == 2
+    assert (dpo / "adapter" / "adapter_config.json").is_file()
+    print(f"\ngenerate job {generate_seconds:.0f} s, resume job {resume_seconds:.0f} s, train job {train_seconds:.0f} s")
