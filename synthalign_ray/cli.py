@@ -234,14 +234,14 @@ def evaluate(
     config: Annotated[str, typer.Option("--config", "-c", help="evaluation YAML config (configs/eval_tiny.yaml)")],
     model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id or zoo:NAME")],
     output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for metrics, predictions, comparison")],
-    benchmarks: Annotated[str, typer.Option("--benchmarks", "-b", help="comma-separated: pope")] = "pope",
+    benchmarks: Annotated[str, typer.Option("--benchmarks", "-b", help="comma-separated: pope, chair, mmhal")] = "pope",
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder applied to --model (merged first)")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="base model to compare with (default with --adapter: --model)")] = None,
     overrides: SetOption = None,
 ):
     """Run benchmarks on a model (and its base) as Ray Data batch inference on vLLM; write metrics and a comparison."""
     from synthalign_ray.config import ConfigError
-    from synthalign_ray.evaluate.pope import BenchmarkFileError
+    from synthalign_ray.evaluate.common import BenchmarkFileError
     from synthalign_ray.evaluate.runner import evaluate as run_evaluation
     from synthalign_ray.evaluate.runner import load_eval_config, summary_line
 
@@ -323,6 +323,27 @@ def correlate(
         _fail(str(e))
     typer.echo(render_markdown(result))
     typer.echo(f"{output}: correlations.json, correlations.md, plots/")
+
+
+@app.command()
+def judge(
+    run: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
+    config: Annotated[str, typer.Option("--config", "-c", help="judge YAML config (configs/judge_tiny.yaml)")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for judge.json, judge.md, verdicts.parquet (default: RUN/judge)")] = None,
+    overrides: SetOption = None,
+):
+    """Ask a VLM judge which image matches the caption where two image scorers' top-1 differ (paper Table 5)."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.report.build import ReportError
+    from synthalign_ray.report.judge import JudgeRunConfig, judge_run, render_markdown
+
+    cfg = _load(config, overrides, JudgeRunConfig)
+    try:
+        result = judge_run(run, cfg, output, config_source=config)
+    except (ConfigError, ReportError) as e:
+        _fail(str(e))
+    typer.echo(render_markdown(result))
+    typer.echo(f"{output or run.rstrip('/') + '/judge'}: judge.json, judge.md, verdicts.parquet ({result['seconds']}s)")
 
 
 def main() -> None:
