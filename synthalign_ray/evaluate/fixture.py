@@ -1,12 +1,18 @@
-"""A tiny POPE-format benchmark made from drawn images, for tests and the offline demo config:
+"""Tiny POPE, CHAIR and MMHal-Bench benchmarks made from drawn images, in each benchmark's own file
+layout, for tests and the offline demo config:
 
-    python -m synthalign_ray.evaluate.fixture runs/pope-tiny      # then configs/eval_tiny.yaml
+    python -m synthalign_ray.evaluate.fixture runs/eval-tiny      # then configs/eval_tiny.yaml
+
+    runs/eval-tiny/images/shapes_<i>.png                 the drawn images (shared)
+    runs/eval-tiny/questions/coco_pope_<split>.json      POPE question files
+    runs/eval-tiny/chair_objects.json                    CHAIR: {image file: [objects]}
+    runs/eval-tiny/mmhal/response_template.json          MMHal-Bench records (image_src URLs end in the file names)
 
 Each image shows a known set of shapes standing for objects (a red circle "ball", a blue square "box",
-a green triangle "kite") on a plain background; each split asks about every image once for an object
-it shows (label yes) and once for one it does not (label no), in POPE's question format. The
-labels are true of the pictures, so a real LVLM can be sanity-checked on it; the zoo's random models
-answer noise.
+a green triangle "kite") on a plain background; each POPE split asks about every image once for an
+object it shows (label yes) and once for one it does not (label no); CHAIR's objects and MMHal-Bench's
+image contents and human answers list what is drawn. The labels are true of the pictures, so a real
+LVLM can be sanity-checked on them; the zoo's random models answer noise.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ def draw(objects: tuple[str, ...], size: int = 96):
     return image
 
 
+def write_images(folder: Path) -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for name, objects in IMAGES.items():
+        draw(objects).save(folder / "images" / name)
+
+
 def write_pope_fixture(folder: str | Path, seed: int = 0) -> Path:
     """images/ and questions/coco_pope_<split>.json under `folder`; returns the folder."""
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    write_images(folder)
     (folder / "questions").mkdir(parents=True, exist_ok=True)
-    for name, objects in IMAGES.items():
-        draw(objects).save(folder / "images" / name)
     rng = random.Random(seed)
     for split in POPE_SPLITS:
         lines, question_id = [], 1
@@ -58,5 +68,47 @@ def write_pope_fixture(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_chair_fixture(folder: str | Path) -> Path:
+    """images/ and chair_objects.json under `folder`; returns the objects file."""
+    folder = Path(folder)
+    write_images(folder)
+    path = folder / "chair_objects.json"
+    path.write_text(json.dumps({name: list(objects) for name, objects in IMAGES.items()}, indent=1))
+    return path
+
+
+MMHAL_QUESTIONS = (  # (question_type, question, human answer of objects)
+    ("attribute", "What color is the {0} in the image?", "The {0} is {1}."),
+    ("counting", "How many objects are in the image?", "There are {2} objects."),
+)
+COLORS = {"ball": "red", "box": "blue", "kite": "green"}
+
+
+def write_mmhal_fixture(folder: str | Path) -> Path:
+    """images/ and mmhal/response_template.json (MMHal-Bench's record format) under `folder`; returns
+    the response file. Two questions per image, one per question type."""
+    folder = Path(folder)
+    write_images(folder)
+    records = []
+    for name, objects in IMAGES.items():
+        for question_type, question, answer in MMHAL_QUESTIONS:
+            records.append(
+                {
+                    "question_type": question_type, "question_topic": "shapes", "image_id": name.removesuffix(".png"),
+                    "image_src": f"https://example.invalid/mmhal/{name}", "image_content": [obj.title() for obj in objects],
+                    "question": question.format(objects[0]), "gt_answer": answer.format(objects[0], COLORS[objects[0]], len(objects)),
+                    "model_answer": "",
+                }
+            )  # fmt: skip
+    path = folder / "mmhal" / "response_template.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
 if __name__ == "__main__":
-    print(write_pope_fixture(sys.argv[1] if len(sys.argv) > 1 else "runs/pope-tiny"))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/eval-tiny")
+    write_pope_fixture(target)
+    write_chair_fixture(target)
+    write_mmhal_fixture(target)
+    print(target)

@@ -19,21 +19,13 @@ finish_reason).
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray import store
-from synthalign_ray.engines.vllm_engine import (
-    LIGHT_STAGE_CPUS,
-    VLLMPoolConfig,
-    build_engine_processor,
-    finish_reason,
-    image_chat_request,
-)
+from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_text
 from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
 from synthalign_ray.stages.common import StrictModel
 
@@ -42,10 +34,6 @@ LLAVA_POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 REQUIRED_FIELDS = ("question_id", "image", "text", "label")
 # The metrics compared across models and averaged over splits (the counts stay per split).
 HEADLINE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-
-
-class BenchmarkFileError(ValueError):
-    """A benchmark file that is missing or malformed; the message names the file (and line)."""
 
 
 class PopeConfig(StrictModel):
@@ -93,12 +81,7 @@ class PopeConfig(StrictModel):
 def read_questions(path: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The questions of one POPE file (JSON lines), checked: every line an object with question_id,
     image, text and label ("yes"/"no"), question ids unique. Errors name the file and line."""
-    fs, local = store.filesystem(path)
-    try:
-        with fs.open_input_stream(local) as stream:
-            text = stream.read().decode("utf-8")
-    except (FileNotFoundError, OSError) as error:
-        raise BenchmarkFileError(f"{path}: cannot read POPE question file ({error})") from None
+    text = read_text(path, "POPE question file")
     questions, seen = [], {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -137,64 +120,33 @@ def pope_prompt(text: str, suffix: str) -> str:
     return text if not suffix or text.rstrip().endswith(suffix.strip()) else text + suffix
 
 
-def load_questions(cfg: PopeConfig) -> list[dict[str, Any]]:
-    """Every split's questions with the image location and prompt; local images are checked to exist
-    (URIs are read by the workers, where a missing one fails with its path)."""
+def load_questions(cfg: PopeConfig, max_tokens: int) -> list[dict[str, Any]]:
+    """Every split's questions as prompt rows (`common.answer_prompts`): image location checked, prompt
+    with LLaVA's suffix, the answer's token budget."""
     rows = []
     for split in cfg.splits:
         path = cfg.question_file(split)
         for q in read_questions(path, split, cfg.limit):
-            image = store.join(cfg.image_dir, q["image_file"])
-            if "://" not in image and not Path(image).expanduser().is_file():
-                raise BenchmarkFileError(f"{path}:{q['line']}: image {q['image_file']!r} not found in pope.image_dir {cfg.image_dir}")
-            rows.append({**q, "id": f"{split}/{q['question_id']}", "image_uri": image, "prompt": pope_prompt(q["text"], cfg.prompt_suffix)})
+            image = image_location(cfg.image_dir, q["image_file"], f"{path}:{q['line']}", "pope.image_dir")
+            prompt = pope_prompt(q["text"], cfg.prompt_suffix)
+            rows.append({**q, "id": f"pope/{split}/{q['question_id']}", "image_uri": image, "prompt": prompt, "max_tokens": max_tokens})
     return rows
 
 
-def read_image(row: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data row function: the image file's bytes as an HF Image struct (any pyarrow filesystem)."""
-    fs, path = store.filesystem(row["image_uri"])
-    try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.read()
-    except (FileNotFoundError, OSError) as error:
-        raise BenchmarkFileError(f"image {row['image_uri']}: cannot read ({error})") from None
-    return {**row, "image": {"bytes": data, "path": row["image_uri"]}}
-
-
-PREDICTION_COLUMNS = ("id", "split", "question_id", "image_file", "label", "text")
-
-
-def answer_questions(rows: list[dict[str, Any]], model: str, *, max_tokens: int, pool: VLLMPoolConfig, engine_kwargs: dict[str, Any]) -> pa.Table:
-    """The model's greedy answers as a table (PREDICTION_COLUMNS + answer, finish_reason, prediction),
-    computed as Ray Data batch inference over a vLLM pool (`ray.data.llm`)."""
-    import ray
-
-    sampling_params = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0}
-
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**{name: row[name] for name in PREDICTION_COLUMNS}, **image_chat_request(row["prompt"], row["image"]), "sampling_params": sampling_params}
-
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        answer = row["generated_text"]
-        return {
-            **{name: row[name] for name in PREDICTION_COLUMNS},
-            "answer": answer,
-            "finish_reason": finish_reason(row["num_generated_tokens"], max_tokens),
-            "prediction": pope_answer(answer),
-        }
-
-    processor = build_engine_processor(model, preprocess=preprocess, postprocess=postprocess, pool=pool, engine_kwargs=engine_kwargs)
-    blocks = math.ceil(len(rows) / pool.batch_size)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(blocks, 64))).map(read_image, num_cpus=LIGHT_STAGE_CPUS)
-    answered = processor(ds).materialize()
-    table = pa.concat_tables([ray.get(ref) for ref in answered.to_arrow_refs()]) if answered.count() else None
-    if table is None or table.num_rows != len(rows):
-        raise RuntimeError(f"POPE: {0 if table is None else table.num_rows} answers for {len(rows)} questions")
-    order = {row["id"]: i for i, row in enumerate(rows)}  # the question files' order, whatever order blocks finished in
-    ids = table.column("id").to_pylist()
-    table = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
-    return table.rename_columns(["question" if name == "text" else name for name in table.column_names]).drop_columns(["id"])
+def predictions(questions: list[dict[str, Any]], answers: dict[str, dict[str, str]]) -> pa.Table:
+    """One row per question, in the question files' order: split, question_id, image_file, label,
+    question, answer, finish_reason and the parsed prediction."""
+    rows = []
+    for q in questions:
+        answer = answers[q["id"]]
+        rows.append(
+            {
+                "split": q["split"], "question_id": q["question_id"], "image_file": q["image_file"], "label": q["label"],
+                "question": q["text"], "answer": answer["answer"], "finish_reason": answer["finish_reason"],
+                "prediction": pope_answer(answer["answer"]),
+            }
+        )  # fmt: skip
+    return pa.Table.from_pylist(rows)
 
 
 def score(predictions: pa.Table, splits: list[str]) -> dict[str, Any]:

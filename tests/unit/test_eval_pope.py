@@ -77,10 +77,10 @@ def test_prompt_suffix_appended_once():
 def test_load_questions_from_the_fixture(tmp_path):
     folder = write_pope_fixture(tmp_path)
     cfg = PopeConfig(question_dir=str(folder / "questions"), image_dir=str(folder / "images"))
-    rows = load_questions(cfg)
+    rows = load_questions(cfg, max_tokens=8)
     assert len(rows) == 3 * 2 * len(IMAGES)
     assert {r["split"] for r in rows} == {"random", "popular", "adversarial"}
-    assert all(r["image_uri"].startswith(str(folder / "images")) and r["prompt"].endswith(LLAVA_POPE_SUFFIX) for r in rows)
+    assert all(r["image_uri"].startswith(str(folder / "images")) and r["prompt"].endswith(LLAVA_POPE_SUFFIX) and r["max_tokens"] == 8 for r in rows)
     for row in rows:  # labels are true of the drawn pictures
         obj = row["text"].removeprefix("Is there a ").removesuffix(" in the image?")
         assert (obj in IMAGES[row["image_file"]]) == (row["label"] == "yes")
@@ -91,7 +91,7 @@ def test_missing_image_and_ambiguous_split_files(tmp_path):
     (folder / "images" / "shapes_1.png").unlink()
     cfg = PopeConfig(question_dir=str(folder / "questions"), image_dir=str(folder / "images"), splits=["random"])
     with pytest.raises(BenchmarkFileError, match=r"coco_pope_random.json:3: image 'shapes_1.png' not found"):
-        load_questions(cfg)
+        load_questions(cfg, max_tokens=8)
     (folder / "questions" / "llava_pope_random.jsonl").write_text("")
     with pytest.raises(BenchmarkFileError, match=r"expected one file named \*pope_random.json\(l\) .* found coco_pope_random.json, llava"):
         cfg.question_file("random")

@@ -1,0 +1,97 @@
+"""What every benchmark runner shares: file errors that name the file, image locations, and the one
+inference path (Ray Data batch inference on a vLLM pool, `ray.data.llm`) that answers every prompt of
+every benchmark about its image.
+
+A benchmark turns its files into prompt rows `{"id", "image_uri", "prompt", "max_tokens"}` (ids unique
+across benchmarks, e.g. "pope/random/17", "chair/COCO_val2014_000000000042.jpg"); `answer_prompts`
+answers all of them with one engine pool per model, so running POPE, CHAIR and MMHal-Bench together
+starts each model once. The benchmark then joins the answers back to its own rows by id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from synthalign_ray import store
+from synthalign_ray.engines.vllm_engine import (
+    LIGHT_STAGE_CPUS,
+    VLLMPoolConfig,
+    build_engine_processor,
+    finish_reason,
+    image_chat_request,
+)
+
+
+class BenchmarkFileError(ValueError):
+    """A benchmark file that is missing or malformed; the message names the file (and line)."""
+
+
+def read_text(path: str, what: str) -> str:
+    """A benchmark file's text (any pyarrow filesystem); a missing file names itself and what it is."""
+    fs, local = store.filesystem(path)
+    try:
+        with fs.open_input_stream(local) as stream:
+            return stream.read().decode("utf-8")
+    except (FileNotFoundError, OSError) as error:
+        raise BenchmarkFileError(f"{path}: cannot read {what} ({error})") from None
+
+
+def read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as error:
+        raise BenchmarkFileError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg})") from None
+
+
+def image_location(image_dir: str, name: str, where: str, field: str) -> str:
+    """The image `name` under `image_dir`; a local one must exist (URIs are read by the workers, where a
+    missing one fails with its path). `where` (file:line) and `field` (the config field) go into the error."""
+    image = store.join(image_dir, name)
+    if "://" not in image and not Path(image).expanduser().is_file():
+        raise BenchmarkFileError(f"{where}: image {name!r} not found in {field} {image_dir}")
+    return image
+
+
+def read_image(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data row function: the image file's bytes as an HF Image struct (any pyarrow filesystem)."""
+    fs, path = store.filesystem(row["image_uri"])
+    try:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+    except (FileNotFoundError, OSError) as error:
+        raise BenchmarkFileError(f"image {row['image_uri']}: cannot read ({error})") from None
+    return {**row, "image": {"bytes": data, "path": row["image_uri"]}}
+
+
+def answer_prompts(
+    rows: list[dict[str, Any]], model: str, *, pool: VLLMPoolConfig, engine_kwargs: dict[str, Any]
+) -> dict[str, dict[str, str]]:
+    """Greedy answers of `model` to prompt rows ({"id", "image_uri", "prompt", "max_tokens"}), as Ray Data
+    batch inference over one vLLM pool: id -> {"answer", "finish_reason"}."""
+    import ray
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        sampling_params = {"max_tokens": row["max_tokens"], "temperature": 0.0, "top_p": 1.0}
+        return {"id": row["id"], "max_tokens": row["max_tokens"], **image_chat_request(row["prompt"], row["image"]), "sampling_params": sampling_params}
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "answer": row["generated_text"],
+            "finish_reason": finish_reason(row["num_generated_tokens"], row["max_tokens"]),
+        }
+
+    ids = [row["id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("prompt ids repeat")
+    requests = [{name: row[name] for name in ("id", "image_uri", "prompt", "max_tokens")} for row in rows]
+    processor = build_engine_processor(model, preprocess=preprocess, postprocess=postprocess, pool=pool, engine_kwargs=engine_kwargs)
+    blocks = math.ceil(len(requests) / pool.batch_size)
+    ds = ray.data.from_items(requests, override_num_blocks=max(1, min(blocks, 64))).map(read_image, num_cpus=LIGHT_STAGE_CPUS)
+    answers = {row["id"]: {"answer": row["answer"], "finish_reason": row["finish_reason"]} for row in processor(ds).iter_rows()}
+    if set(answers) != set(ids):
+        raise RuntimeError(f"{model}: {len(answers)} answers for {len(ids)} prompts")
+    return answers
