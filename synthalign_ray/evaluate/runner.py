@@ -85,6 +85,7 @@ def models_to_evaluate(model: str, adapter: str | None = None, base: str | None 
 
 def benchmark_list(text: str | list[str]) -> list[str]:
     names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
+    names = list(dict.fromkeys(names))  # each once, in the order given
     unknown = [name for name in names if name not in BENCHMARKS]
     if not names or unknown:
         raise ConfigError(

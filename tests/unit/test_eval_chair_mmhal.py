@@ -230,6 +230,7 @@ def test_chair_score_by_hand():
 
 def test_benchmark_list_knows_chair_and_mmhal():
     assert benchmark_list("pope, chair,mmhal") == ["pope", "chair", "mmhal"]
+    assert benchmark_list("mmhal,pope,mmhal") == ["mmhal", "pope"]
     with pytest.raises(ConfigError, match="runnable benchmarks are pope, chair, mmhal"):
         benchmark_list("amber")
 
