@@ -22,8 +22,8 @@ import json
 from typing import Any
 
 from synthalign_ray import store
-from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
 from synthalign_ray.evaluate.common import BenchmarkFileError
+from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
 from synthalign_ray.evaluate.pope import HEADLINE_METRICS
 
 
