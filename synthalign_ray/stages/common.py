@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,15 +28,23 @@ _FAILURE = "__failure__"
 # Chaos testing of the real retry and isolation paths (like Ray's own RAY_testing_* variables):
 # "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.
 FAULTS_ENV = "SYNTHALIGN_INJECT_FAULTS"
+DELAYS_ENV = "SYNTHALIGN_INJECT_DELAYS"
 
 
 class InjectedFault(RuntimeError):
     """Raised by a stage on a row named in SYNTHALIGN_INJECT_FAULTS."""
 
 
-def injected_faults(stage: str) -> set[str]:
-    pairs = (item.split(":", 1) for item in os.environ.get(FAULTS_ENV, "").split(",") if ":" in item)
+def injected_faults(stage: str, variable: str = FAULTS_ENV) -> set[str]:
+    pairs = (item.split(":", 1) for item in os.environ.get(variable, "").split(",") if ":" in item)
     return {row_id for name, row_id in pairs if name == stage}
+
+
+def injected_delay(stage: str, row_ids: set[str]) -> float:
+    """Seconds a stage waits before a batch holding one of the rows named in SYNTHALIGN_INJECT_DELAYS
+    ("pairs:weather-0001=30,..."): holds one block back, e.g. so a test can kill a run between shards."""
+    delays = [item.rsplit("=", 1) for item in injected_faults(stage, DELAYS_ENV) if "=" in item]
+    return max((float(seconds) for row_id, seconds in delays if row_id in row_ids), default=0.0)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATH_PREFIXES = ("/", "./", "../", "~")
@@ -176,6 +185,7 @@ class RowStage:
         return self._assemble(table, results, errors)
 
     def _checked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        time.sleep(injected_delay(self.name, {row["id"] for row in rows}))
         faulty = injected_faults(self.name) & {row["id"] for row in rows}
         if faulty:
             raise InjectedFault(f"injected fault in {self.name} for {sorted(faulty)}")

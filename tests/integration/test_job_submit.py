@@ -4,94 +4,32 @@ the job joins the cluster through the RAY_ADDRESS Ray gives it. The output goes 
 S3-compatible server (moto's), as a cluster's would go to a bucket; one generate run serves the job,
 the object-storage and the resume checks.
 
-Stopping the head: `ray stop` (with or without --force) stops every Ray process on the machine, other
-people's runs included. So the head gets a temp dir of its own, every process it starts carries that
-path in its command line (GCS, raylet, dashboard, agents, monitor), and the test ends exactly those
-processes and their descendants (workers, the job's driver): SIGTERM, then SIGKILL after a grace period.
+The head is the test's own and is stopped without touching anyone else's Ray (tests/ray_head.py).
 """
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from synthalign_ray import store
 from tests.conftest import REPO
+from tests.ray_head import RAY, local_ray_head, ray_env
 from tests.integration.test_object_storage import BUCKET, S3_CREDENTIALS, s3_endpoint  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ray_env() -> dict:
-    # A loopback-only test cluster: no token auth between the test's own head, CLI and jobs.
-    return dict(os.environ, RAY_AUTH_MODE="disabled")
-
-
-def processes_of_head(temp_dir: str) -> list[psutil.Process]:
-    """The head's processes (their command lines name its temp dir) and everything they started."""
-    found = {}
-    for process in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in arg for arg in process.info["cmdline"] or []):
-            found[process.pid] = process
-            try:
-                found.update({child.pid: child for child in process.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
-    return list(found.values())
-
-
-def stop_head(temp_dir: str, grace_seconds: float = 5) -> None:
-    processes = processes_of_head(temp_dir)
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 @pytest.fixture(scope="module")
 def ray_head_with_dashboard():
     """A head with the dashboard (the job server) on free loopback ports; yields the dashboard URL."""
-    # Short path under /tmp: Ray's unix sockets live in it and socket paths are limited to 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="sa-ray-", dir="/tmp")
-    dashboard = free_port()
-    command = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8",
-        "--disable-usage-stats", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
-    try:
-        subprocess.run(command, check=True, env=ray_env(), capture_output=True, timeout=180)
-        assert processes_of_head(temp_dir), "no process names the head's temp dir: cannot stop it safely"
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        stop_head(temp_dir)
-        assert not [p for p in processes_of_head(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with local_ray_head(dashboard=True) as head:
+        yield head.dashboard
 
 
 def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> subprocess.CompletedProcess:

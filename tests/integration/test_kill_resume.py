@@ -1,12 +1,11 @@
 """SIGKILL the `synthalign generate` driver at several points, rerun the same command, and check the
 output holds every prompt exactly once (pairs + dropped), none lost, none duplicated.
 
-The run joins a Ray head the test starts (as under `ray job submit`), so killing the driver kills only
-the driver; its job's actors are cleaned up by Ray.
+The run joins a Ray head the test starts (as under `ray job submit`; tests/ray_head.py), so killing the
+driver kills only the driver; its job's actors are cleaned up by Ray.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,30 +16,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
+from tests.ray_head import local_ray_head, ray_env
 
 pytestmark = pytest.mark.slow
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
 GENERATE = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml"]
-RAY = str(Path(sys.executable).with_name("ray"))
+# On the tiny config every stage is done in a second once the vLLM engines are up, so all shards would
+# land at once and a kill "after the first shard" could come too late. The pairs stage holds the block
+# of weather-0001 back for a minute in that run, so the kill surely lands between shards.
+HOLD_ONE_BLOCK = ["--set", "resources.env.SYNTHALIGN_INJECT_DELAYS=pairs:weather-0001=60"]
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    port = "6391"
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=8",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        check=True, env=ray_env(), capture_output=True, timeout=120,
-    )  # fmt: skip
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-
-
-def ray_env(**extra) -> dict:
-    # A loopback-only test cluster: no token auth between the test's own head and driver.
-    return dict(os.environ, RAY_AUTH_MODE="disabled", **extra)
+def ray_head():
+    with local_ray_head() as head:
+        yield head.address
 
 
 def shards(out: Path, folder: str) -> list[Path]:
@@ -51,9 +41,9 @@ def committed_ids(out: Path) -> list[str]:
     return sorted(i for folder in ("pairs", "dropped") for f in shards(out, folder) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
 
 
-def start(out: Path, env: dict, log: Path) -> subprocess.Popen:
+def start(out: Path, env: dict, log: Path, extra: list[str]) -> subprocess.Popen:
     with log.open("w") as sink:
-        return subprocess.Popen([*GENERATE, "--output", str(out)], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen([*GENERATE, "--output", str(out), *extra], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
 def kill_when(process: subprocess.Popen, condition, timeout: float) -> bool:
@@ -84,7 +74,7 @@ def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp
     for n, (point, condition) in enumerate(kills.items()):
         started = time.time()
         log = tmp_path / f"run{n}.log"
-        process = start(out, env, log)
+        process = start(out, env, log, HOLD_ONE_BLOCK if point == "after the first committed shard" else [])
         if kill_when(process, condition, timeout=600):
             killed_at.append(point)
             ids = committed_ids(out)
@@ -92,8 +82,9 @@ def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp
         else:
             assert process.returncode == 0, log.read_text()[-6000:]
     assert killed_at[:2] == ["while starting up", "while the actor pools load models"]
-    if killed_at[-1] == "after the first committed shard":
-        assert 0 < len(committed_ids(out)) < len(PROMPT_IDS) or json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert killed_at[-1] == "after the first committed shard"
+    assert 0 < len(committed_ids(out)) < len(PROMPT_IDS), "the last kill did not land mid-run"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
 
     result = subprocess.run([*GENERATE, "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -121,3 +121,12 @@ def test_a_row_the_stage_fails_itself_is_recorded_without_a_batch_retry():
     assert stage.calls == 1
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
     assert (rows[2]["error"], rows[2]["failed_stage"], rows[2]["doubled"]) == ("endpoint said 400", "refuse", None)
+
+
+def test_injected_delay_holds_back_only_batches_with_the_named_rows(monkeypatch):
+    from synthalign_ray.stages.common import injected_delay
+
+    monkeypatch.setenv("SYNTHALIGN_INJECT_DELAYS", "doubler:r1=0.5,doubler:r2=0.2,other:r0=9")
+    assert injected_delay("doubler", {"r0", "r1", "r2"}) == 0.5
+    assert injected_delay("doubler", {"r0"}) == 0.0
+    assert injected_delay("other", {"r0"}) == 9.0
