@@ -183,16 +183,17 @@ def dedupe(texts: list[str], near_threshold: float = 0.8) -> tuple[list[int], li
         if norm in exact:
             removed.append(Removed(i, DROP_EXACT, exact[norm]))
             continue
-        items = shingles(text)
-        candidates, bands = index.candidates(items)
-        near = next((j for j in sorted(candidates) if jaccard(items, kept_shingles[j]) >= near_threshold), None)
-        if near is not None and near_threshold < 1:
-            removed.append(Removed(i, DROP_NEAR, near))
-            continue
+        if near_threshold < 1:  # at 1.0 only exact duplicates go: no shingles, no LSH
+            items = shingles(text)
+            candidates, bands = index.candidates(items)
+            near = next((j for j in sorted(candidates) if jaccard(items, kept_shingles[j]) >= near_threshold), None)
+            if near is not None:
+                removed.append(Removed(i, DROP_NEAR, near))
+                continue
+            kept_shingles[i] = items
+            index.add(i, bands)
         exact[norm] = i
         kept.append(i)
-        kept_shingles[i] = items
-        index.add(i, bands)
     return kept, removed
 
 
