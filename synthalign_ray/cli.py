@@ -346,6 +346,35 @@ def judge(
     typer.echo(f"{output or run.rstrip('/') + '/judge'}: judge.json, judge.md, verdicts.parquet ({result['seconds']}s)")
 
 
+# --- Capacity (issue 7): `synthalign plan` ------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    config: Annotated[str, typer.Option("--config", "-c", help="generation YAML config")],
+    gpus: Annotated[float, typer.Option("--gpus", help="GPUs of the cluster to split across the GPU stages")],
+    profile: Annotated[str, typer.Option("--profile", help="per-stage throughput YAML (configs/profiles/, or `synthalign calibrate`)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="where to write the config with the planned pools")],
+    overrides: SetOption = None,
+):
+    """Split N GPUs across the config's GPU stages so the slowest stage is as fast as it can be."""
+    from synthalign_ray.plan import PlanError, load_profile, make_plan, unused_profile_stages, write_planned_config
+
+    cfg = _load(config, overrides)
+    try:
+        prof = load_profile(profile)
+        result = make_plan(cfg, prof, gpus)
+        write_planned_config(config, cfg, prof, profile, result, output, overrides)
+    except PlanError as e:
+        _fail(str(e))
+    typer.echo(f"profile: {prof.gpu}, {prof.source.kind}")
+    typer.echo(result.table())
+    unused = unused_profile_stages(cfg, prof)
+    if unused:
+        typer.echo(f"note: profile stages not in the config, ignored: {unused}", err=True)
+    typer.echo(f"{output}: written")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
