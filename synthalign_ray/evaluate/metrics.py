@@ -10,13 +10,15 @@ no Ray, no torch), so a number here is comparable with the papers' numbers.
   chair.py adds; Object HalBench uses the same): COCO object mentions of a caption through a synonym
   table and the script's double-word rules, against the objects annotated for the image.
 - AMBER (junyangwang0410/AMBER inference.py): discriminative accuracy / precision / recall / F1 with
-  "no" as the positive class per existence / attribute / relation, and generative CHAIR / Cover / Hal /
-  Cog, with the script's rounding.
+  "no" as the positive class per existence / attribute (state, number, action) / relation, and
+  generative CHAIR / Cover / Hal / Cog, with the script's rounding and its counters' starting values
+  (data/metrics.txt: every count starts at 0.001).
 
 Where the official scripts need NLTK or spaCy models (tokenizer, POS tagger, WordNet lemmatizer, word
 vectors), which cannot be downloaded here, the difference is named where it is made: words come from a
 regex tokenizer and a rule-based singularizer restricted to the object vocabulary (no POS filter), and
-AMBER's spaCy similarity fallback is a caller-supplied function (default: none).
+AMBER's noun extractor and spaCy similarity fallback are caller-supplied functions (default: the
+regex words, no similarity; `evaluate/amber.py` builds NLTK's and spaCy's where they are installed).
 """
 
 from __future__ import annotations
@@ -245,17 +247,33 @@ def coco_ground_truth(
 
 # --- AMBER -----------------------------------------------------------------------------------------
 
-AMBER_EXISTENCE = "discriminative-hallucination"
-AMBER_ATTRIBUTE = ("discriminative-attribute-state", "discriminative-attribute-number", "discriminative-attribute-action")
+AMBER_GENERATIVE = "generative"
+# inference.py's counter groups of the discriminative types (ha_, as_, an_, aa_; anything else is asso_).
+AMBER_GROUPS = {
+    "discriminative-hallucination": "existence",
+    "discriminative-attribute-state": "state",
+    "discriminative-attribute-number": "number",
+    "discriminative-attribute-action": "action",
+    "discriminative-relation": "relation",
+}
+AMBER_ATTRIBUTE_GROUPS = ("state", "number", "action")
+# The order of the discriminative results (as the script prints them), "all" last.
+AMBER_DIMENSIONS = ("existence", "attribute", "state", "number", "action", "relation", "all")
+# AMBER's data/metrics.txt starts every score counter at 0 and every count (denominator) at 0.001, so a
+# ratio is score / (count + 0.001) and never divides by zero; attribute adds up three such counts.
+AMBER_COUNT_START = 0.001
+
+
+def amber_group(question_type: str) -> str:
+    """inference.py's counter group of an annotation `type`: existence, state, number, action or relation
+    (any other discriminative type counts as relation, as the script's else branch)."""
+    return AMBER_GROUPS.get(question_type, "relation")
 
 
 def amber_dimension(question_type: str) -> str:
     """existence / attribute / relation of an AMBER annotation's `type` (as inference.py branches)."""
-    if question_type == AMBER_EXISTENCE:
-        return "existence"
-    if question_type in AMBER_ATTRIBUTE:
-        return "attribute"
-    return "relation"
+    group = amber_group(question_type)
+    return "attribute" if group in AMBER_ATTRIBUTE_GROUPS else group
 
 
 def amber_response(text: str) -> str:
@@ -265,15 +283,20 @@ def amber_response(text: str) -> str:
     return "No" if pope_answer(text) == NO else "Yes"
 
 
-def amber_discriminative(records: Iterable[tuple[str, str, str]]) -> dict[str, dict[str, float | None]]:
+_AMBER_COUNTERS = ("n", "correct", "truth_no", "correct_no", "said_no", "said_no_right")
+
+
+def amber_discriminative(records: Iterable[tuple[str, str, str]]) -> dict[str, dict[str, float | int]]:
     """AMBER discriminative metrics over (type, truth "yes"/"no", response "Yes"/"No") records, "no" the
-    positive class: per dimension (existence, attribute, relation) and overall ("all"), in percent
-    with inference.py's rounding (precision and recall to 0.1 before F1; F1's epsilon 0.001 for
-    existence, 0.0001 elsewhere, as the script). A response other than exactly "Yes"/"No" is wrong."""
+    positive class, per dimension (existence, attribute and its state / number / action, relation) and
+    overall ("all"), for the dimensions that have questions. As inference.py: percent rounded to 0.1,
+    counts starting at 0.001 (data/metrics.txt; attribute sums three, so 0.003), F1 from the rounded
+    precision and recall with epsilon 0.001 for existence and 0.0001 elsewhere. A response other than
+    exactly "Yes"/"No" is wrong; a truth other than "yes" counts as "no"."""
     counts: dict[str, dict[str, int]] = {}
     for question_type, truth, response in records:
-        for key in (amber_dimension(question_type), "all"):
-            c = counts.setdefault(key, dict.fromkeys(("n", "correct", "truth_no", "correct_no", "said_no", "said_no_right"), 0))
+        for key in (amber_group(question_type), "all"):
+            c = counts.setdefault(key, dict.fromkeys(_AMBER_COUNTERS, 0))
             c["n"] += 1
             if truth == YES:
                 c["correct"] += response == "Yes"
@@ -285,27 +308,37 @@ def amber_discriminative(records: Iterable[tuple[str, str, str]]) -> dict[str, d
             if response == "No":
                 c["said_no"] += 1
                 c["said_no_right"] += truth == NO
+    groups = {key: (c, 1) for key, c in counts.items()}
+    attribute = [counts[key] for key in AMBER_ATTRIBUTE_GROUPS if key in counts]
+    if attribute:
+        groups["attribute"] = ({name: sum(c[name] for c in attribute) for name in _AMBER_COUNTERS}, len(AMBER_ATTRIBUTE_GROUPS))
     result = {}
-    for key, c in counts.items():
-        accuracy = _percent(c["correct"], c["n"])
-        precision = _percent(c["said_no_right"], c["said_no"])
-        recall = _percent(c["correct_no"], c["truth_no"])
+    for key in (key for key in AMBER_DIMENSIONS if key in groups):
+        c, starts = groups[key]
+        start = starts * AMBER_COUNT_START
+        precision = _amber_percent(c["said_no_right"], c["said_no"] + start)
+        recall = _amber_percent(c["correct_no"], c["truth_no"] + start)
         epsilon = 0.001 if key == "existence" else 0.0001
-        f1 = None
-        if precision is not None and recall is not None:
-            f1 = round(2 * (precision / 100) * (recall / 100) / ((precision / 100) + (recall / 100) + epsilon) * 100, 1)
+        f1 = round(2 * (precision / 100) * (recall / 100) / ((precision / 100) + (recall / 100) + epsilon) * 100, 1)
+        accuracy = _amber_percent(c["correct"], c["n"] + start)
         result[key] = {"n": c["n"], "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
     return result
 
 
-def _percent(numerator: int, denominator: int) -> float | None:
-    return round(numerator / denominator * 100, 1) if denominator else None
+def _amber_percent(score: float, count: float) -> float:
+    return round(score / count * 100, 1)
+
+
+# A word as NLTK's tokenizer keeps it for AMBER's vocabulary: letters, hyphenated words whole ("e-book").
+_AMBER_TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 
 
 def amber_nouns(text: str, hallucination_words: set[str]) -> list[str]:
     """The candidate object words of a response: tokens (singularized) that are in AMBER's word list.
-    AMBER tags nouns with NLTK and lemmatizes them with WordNet; here every token is a candidate."""
-    words = (singularize(word, hallucination_words) for word in _TOKEN.findall(text.lower()))
+    AMBER tags nouns with NLTK and lemmatizes them with WordNet; here every token is a candidate (no POS
+    filter: a verb or adjective spelled like an AMBER word, "can" or "watch", counts). Case is kept, as
+    the script does not lowercase: a capitalized "Dog" is no AMBER word there either."""
+    words = (singularize(word, hallucination_words) for word in _AMBER_TOKEN.findall(text))
     return [word for word in words if word in hallucination_words]
 
 
@@ -330,13 +363,16 @@ def amber_generative(
     resources: AmberResources,
     similar: Callable[[str, str], bool] | None = None,
     nouns: Callable[[str], list[str]] | None = None,
-) -> dict[str, float | None]:
-    """AMBER generative CHAIR, Cover, Hal and Cog (percent, rounded to 0.1) over (response, truth
-    objects, hallucination objects) records, as inference.py scores them. `similar(noun, word)` is the
-    script's spaCy similarity test (> 0.8 with en_core_web_lg); None skips that fallback."""
+) -> dict[str, Any]:
+    """AMBER generative CHAIR, Cover, Hal and Cog (percent, rounded to 0.1, counts starting at 0.001 as
+    data/metrics.txt) over (response, truth objects, hallucination objects) records, as inference.py
+    scores them. `similar(noun, word)` is the script's spaCy similarity test (> 0.8 with en_core_web_lg);
+    None skips that fallback. `nouns(text)` extracts the nouns (default `amber_nouns`). Also per
+    response: its candidate nouns and the ones flagged as hallucinated."""
     vocabulary = resources.hallucination_words
     nouns = nouns or (lambda text: amber_nouns(text, vocabulary))
     totals = dict.fromkeys(("chair", "chair_n", "cover", "cover_n", "cog", "cog_n", "clean", "n"), 0)
+    per_response = []
     for response, truth, hallu in records:
         candidates = [noun for noun in nouns(response) if noun in vocabulary]
         safe_words, safe_marks = _expand(truth, resources.association)
@@ -368,13 +404,15 @@ def amber_generative(
         totals["cog_n"] += len(hallu_marks[-len(hallu) :])
         totals["clean"] += sum(flagged) == 0
         totals["n"] += 1
-    clean = _percent(totals["clean"], totals["n"])
+        per_response.append({"nouns": candidates, "hallucinated": [noun for noun, flag in zip(candidates, flagged) if flag]})
+    start = AMBER_COUNT_START
     return {
         "n": totals["n"],
-        "chair": _percent(totals["chair"], totals["chair_n"]),
-        "cover": _percent(totals["cover"], totals["cover_n"]),
-        "hal": None if clean is None else round(100 - totals["clean"] / totals["n"] * 100, 1),
-        "cog": _percent(totals["cog"], totals["cog_n"]),
+        "chair": _amber_percent(totals["chair"], totals["chair_n"] + start),
+        "cover": _amber_percent(totals["cover"], totals["cover_n"] + start),
+        "hal": round(100 - totals["clean"] / (totals["n"] + start) * 100, 1),
+        "cog": _amber_percent(totals["cog"], totals["cog_n"] + start),
+        "per_response": per_response,
     }
 
 

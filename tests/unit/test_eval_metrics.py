@@ -10,6 +10,7 @@ from synthalign_ray.evaluate.metrics import (
     ChairVocabulary,
     amber_discriminative,
     amber_generative,
+    amber_nouns,
     amber_response,
     chair_metrics,
     coco_ground_truth,
@@ -138,10 +139,30 @@ def test_amber_discriminative_by_hand():
         ("discriminative-relation", "yes", "Yes."),  # not exactly "Yes": wrong, as in AMBER's script
     ]
     m = amber_discriminative(records)
-    assert m["existence"] == {"n": 3, "accuracy": 66.7, "precision": 100.0, "recall": 50.0, "f1": 66.6}
-    assert m["attribute"] == {"n": 2, "accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 66.7}
-    assert m["relation"] == {"n": 1, "accuracy": 0.0, "precision": None, "recall": None, "f1": None}
-    assert m["all"] == {"n": 6, "accuracy": 50.0, "precision": 66.7, "recall": 66.7, "f1": 66.7}
+    # Counts start at 0.001 (data/metrics.txt). existence: accuracy 2/3.001 = 66.64 -> 66.6; precision (said
+    # "No" and right) 1/1.001 = 99.9; recall (truth "no" found) 1/2.001 = 49.98 -> 50.0;
+    # F1 = 2 * .999 * .5 / (.999 + .5 + 0.001) = .666 -> 66.6.
+    assert m["existence"] == {"n": 3, "accuracy": 66.6, "precision": 99.9, "recall": 50.0, "f1": 66.6}
+    # attribute = state + number counters, each starting at 0.001: accuracy 1/2.003 = 49.9; precision
+    # 1/2.003 = 49.9; recall 1/1.003 = 99.7; F1 = 2 * .499 * .997 / (.499 + .997 + .0001) = .66506 -> 66.5.
+    assert m["attribute"] == {"n": 2, "accuracy": 49.9, "precision": 49.9, "recall": 99.7, "f1": 66.5}
+    # state alone: 1/1.001 = 99.9 each; F1 = 2 * .999^2 / (1.998 + .0001) = .99895 -> 99.9
+    assert m["state"] == {"n": 1, "accuracy": 99.9, "precision": 99.9, "recall": 99.9, "f1": 99.9}
+    assert m["number"] == {"n": 1, "accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # nothing said "No" and no "no" truth: 0 / 0.001 = 0.0, as the script (no division by zero)
+    assert m["relation"] == {"n": 1, "accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # all: 3 of 6 right -> 3/6.001 = 49.99 -> 50.0; precision 2/3.001 = 66.6; recall 2/3.001 = 66.6;
+    # F1 = 2 * .666^2 / (1.332 + .0001) = .66595 -> 66.6
+    assert m["all"] == {"n": 6, "accuracy": 50.0, "precision": 66.6, "recall": 66.6, "f1": 66.6}
+    assert list(m) == ["existence", "attribute", "state", "number", "relation", "all"]  # no action question: no action
+
+
+def test_amber_attribute_sums_three_counters_that_each_start_at_0001():
+    records = [("discriminative-attribute-state", "no", "No"), ("discriminative-attribute-number", "no", "No"), ("discriminative-attribute-action", "no", "No")]
+    m = amber_discriminative(records)
+    assert m["attribute"]["accuracy"] == 99.9  # 3 / (3 + 3 * 0.001) = 99.90
+    assert m["all"]["accuracy"] == 100.0  # 3 / 3.001 = 99.97
+    assert m["action"] == {"n": 1, "accuracy": 99.9, "precision": 99.9, "recall": 99.9, "f1": 99.9}
 
 
 def test_amber_response_normalizes_free_text():
@@ -159,14 +180,21 @@ def test_amber_generative_by_hand():
     ]
     m = amber_generative(records, resources)
     # CHAIR: 1 flagged of 5 candidate nouns (puppy, car, tree, sky, kitten): a safe word is skipped but
-    # still counted, as the script's len(safe_flag_list)
+    # still counted, as the script's len(safe_flag_list): 1/5.001 = 20.0. Cover 3/3.001 = 99.97 -> 100.0;
+    # Hal 100 - 1/2.001 * 100 = 50.02 -> 50.0; Cog 1/3.001 = 33.3.
+    assert m.pop("per_response") == [{"nouns": ["puppy", "car", "tree", "sky"], "hallucinated": ["car"]}, {"nouns": ["kitten"], "hallucinated": []}]
     assert m == {"n": 2, "chair": 20.0, "cover": 100.0, "hal": 50.0, "cog": 33.3}
 
 
 def test_amber_generative_similarity_fallback():
     resources = AmberResources(association={"dog": [], "cat": [], "puppy": []}, safe_words=frozenset())
     records = [("A puppy.", ["dog"], ["cat"])]
-    assert amber_generative(records, resources)["chair"] == 100.0
+    assert amber_generative(records, resources)["chair"] == 99.9  # 1 / 1.001
     similar = lambda a, b: {a, b} == {"puppy", "dog"}  # noqa: E731 (stands in for spaCy similarity > 0.8)
     m = amber_generative(records, resources, similar=similar)
-    assert m["chair"] == 0.0 and m["cover"] == 100.0
+    assert m["chair"] == 0.0 and m["cover"] == 99.9
+
+
+def test_amber_nouns_keep_case_and_hyphenated_words():
+    # NLTK keeps "e-book" one token and WordNet does not lowercase: "Dogs" -> "Dog" is no AMBER word
+    assert amber_nouns("Dogs and an e-book; two dogs, one TV.", {"dog", "e-book", "book", "TV"}) == ["e-book", "dog", "TV"]
