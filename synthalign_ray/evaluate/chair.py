@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_json, read_text
+from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_json, read_string_lists, read_text
 from synthalign_ray.evaluate.metrics import ChairVocabulary, chair_metrics, coco_ground_truth, parse_synonyms
 from synthalign_ray.stages.common import StrictModel
 
@@ -66,13 +66,7 @@ def vocabulary(cfg: ChairConfig) -> ChairVocabulary:
 
 def read_objects_file(path: str) -> dict[str, list[str]]:
     """{image file name: [object names]}, checked."""
-    data = read_json(path, "CHAIR objects file")
-    if not isinstance(data, dict) or not data:
-        raise BenchmarkFileError(f"{path}: expected a non-empty JSON object {{image file name: [object names]}}")
-    for name, objects in data.items():
-        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-            raise BenchmarkFileError(f"{path}: objects of {name!r} must be a list of names")
-    return data
+    return read_string_lists(path, "objects", "image file name: [object names]")
 
 
 def coco_objects(instances_path: str, captions_path: str | None, vocab: ChairVocabulary) -> dict[str, set[str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,60 @@ def read_text(path: str, what: str) -> str:
 
 
 def read_json(path: str, what: str) -> Any:
+    return _parse_json(read_text(path, what), path, what)
+
+
+def _parse_json(text: str, path: str, what: str) -> Any:
     try:
-        return json.loads(read_text(path, what))
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise BenchmarkFileError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg})") from None
+
+
+def check_record(record: Any, where: str, fields: tuple[str, ...], kind: str) -> dict[str, Any]:
+    """A benchmark file's record, checked to be a JSON object with `fields`; errors start with `where`
+    (file:line or file: record N) and say what `kind` of record has which fields ("POPE rows")."""
+    if not isinstance(record, dict):
+        raise BenchmarkFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise BenchmarkFileError(f"{where}: missing field(s) {missing} ({kind} have {list(fields)})")
+    return record
+
+
+def read_string_lists(path: str, what: str, shape: str) -> dict[str, list[str]]:
+    """A JSON object of string lists ({key: ["word", ...]}), non-empty and checked; `shape` describes it in
+    the errors, e.g. "image file name: [object names]"."""
+    data = read_json(path, what)
+    if not isinstance(data, dict) or not data:
+        raise BenchmarkFileError(f"{path}: expected a non-empty JSON object {{{shape}}}")
+    for key, words in data.items():
+        if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+            raise BenchmarkFileError(f"{path}: {what} of {key!r} must be a list of strings")
+    return data
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def read_json_list(path: str, what: str) -> list[tuple[int, Any]]:
+    """A JSON file holding a list: each element with the line it starts on, for errors that name
+    file:line (a pretty-printed benchmark file has one record over several lines)."""
+    text = read_text(path, what)
+    data = _parse_json(text, path, what)
+    if not isinstance(data, list):
+        raise BenchmarkFileError(f"{path}: expected a JSON list of {what} records, got {type(data).__name__}")
+    decoder = json.JSONDecoder()
+    items, line, counted = [], 1, 0
+    position = _JSON_SPACE.match(text).end() + 1  # past "["
+    for _ in data:
+        position = _JSON_SPACE.match(text, position).end()
+        line += text.count("\n", counted, position)
+        counted = position
+        value, position = decoder.raw_decode(text, position)
+        items.append((line, value))
+        position = _JSON_SPACE.match(text, position).end() + 1  # past "," or the closing "]"
+    return items
 
 
 def image_location(image_dir: str, name: str, where: str, field: str) -> str:

@@ -1,4 +1,4 @@
-"""Tiny POPE, CHAIR and MMHal-Bench benchmarks made from drawn images, in each benchmark's own file
+"""Tiny POPE, CHAIR, MMHal-Bench and AMBER benchmarks made from drawn images, in each benchmark's own file
 layout, for tests and the offline demo config:
 
     python -m synthalign_ray.evaluate.fixture runs/eval-tiny      # then configs/eval_tiny.yaml
@@ -7,11 +7,15 @@ layout, for tests and the offline demo config:
     runs/eval-tiny/questions/coco_pope_<split>.json      POPE question files
     runs/eval-tiny/chair_objects.json                    CHAIR: {image file: [objects]}
     runs/eval-tiny/mmhal/response_template.json          MMHal-Bench records (image_src URLs end in the file names)
+    runs/eval-tiny/amber/data/                           AMBER's data/ folder: query/query_all.json, annotations.json,
+                                                         relation.json, safe_words.txt (images: images/)
 
 Each image shows a known set of shapes standing for objects (a red circle "ball", a blue square "box",
 a green triangle "kite") on a plain background; each POPE split asks about every image once for an
 object it shows (label yes) and once for one it does not (label no); CHAIR's objects and MMHal-Bench's
-image contents and human answers list what is drawn. The labels are true of the pictures, so a real
+image contents and human answers list what is drawn; AMBER asks for a description of each image (truth:
+the drawn objects, hallu: the others) and yes/no questions on existence, colour (attribute-state),
+count (attribute-number) and, for two-object images, whether they touch (relation). The labels are true of the pictures, so a real
 LVLM can be sanity-checked on them; the zoo's random models answer noise.
 """
 
@@ -106,9 +110,53 @@ def write_mmhal_fixture(folder: str | Path) -> Path:
     return path
 
 
+# AMBER's relation.json for the drawn shapes: each object's associated words ("shape" is a safe word).
+AMBER_RELATION = {"ball": ["circle", "sphere"], "box": ["square", "cube"], "kite": ["triangle"], "shape": []}
+AMBER_SAFE_WORDS = ("shape",)
+
+
+def amber_records() -> tuple[list[dict], list[dict]]:
+    """(queries, annotations) in AMBER's formats: ids 1..4 generative (one per image), then the
+    discriminative questions, numbered on."""
+    queries, annotations = [], []
+
+    def add(image: str, query: str, annotation: dict) -> None:
+        queries.append({"id": len(queries) + 1, "image": image, "query": query})
+        annotations.append({"id": len(annotations) + 1, **annotation})
+
+    for name, objects in IMAGES.items():
+        add(name, "Describe this image.", {"type": "generative", "truth": list(objects), "hallu": [o for o in OBJECTS if o not in objects]})
+    for name, objects in IMAGES.items():
+        absent = next(o for o in OBJECTS if o not in objects)
+        wrong_colour = next(c for c in COLORS.values() if c != COLORS[objects[0]])
+        add(name, f"Is there a {objects[0]} in this image?", {"type": "discriminative-hallucination", "truth": "yes"})
+        add(name, f"Is there a {absent} in this image?", {"type": "discriminative-hallucination", "truth": "no"})
+        add(name, f"Is the {objects[0]} {COLORS[objects[0]]} in this image?", {"type": "discriminative-attribute-state", "truth": "yes"})
+        add(name, f"Is the {objects[0]} {wrong_colour} in this image?", {"type": "discriminative-attribute-state", "truth": "no"})
+        add(name, f"Is there one {objects[0]} in this image?", {"type": "discriminative-attribute-number", "truth": "yes"})
+        if len(objects) == 2:  # drawn in opposite corners
+            add(name, f"Is the {objects[0]} touching the {objects[1]} in this image?", {"type": "discriminative-relation", "truth": "no"})
+    return queries, annotations
+
+
+def write_amber_fixture(folder: str | Path) -> Path:
+    """images/ and amber/data/ (AMBER's data folder layout) under `folder`; returns the data folder."""
+    folder = Path(folder)
+    write_images(folder)
+    data = folder / "amber" / "data"
+    (data / "query").mkdir(parents=True, exist_ok=True)
+    queries, annotations = amber_records()
+    (data / "query" / "query_all.json").write_text(json.dumps(queries, indent=4))
+    (data / "annotations.json").write_text(json.dumps(annotations, indent=4))
+    (data / "relation.json").write_text(json.dumps(AMBER_RELATION, indent=4))
+    (data / "safe_words.txt").write_text("\n".join(AMBER_SAFE_WORDS))
+    return data
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/eval-tiny")
     write_pope_fixture(target)
     write_chair_fixture(target)
     write_mmhal_fixture(target)
+    write_amber_fixture(target)
     print(target)

@@ -34,7 +34,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from synthalign_ray.engines.chat import ChatModelConfig
-from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_json
+from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_json
 from synthalign_ray.stages.common import STATUS_OK, StrictModel
 
 REQUIRED_FIELDS = ("question_type", "image_src", "image_content", "question", "gt_answer")
@@ -138,11 +138,7 @@ def read_questions(path: str, limit: int | None = None) -> list[dict[str, Any]]:
     questions = []
     for index, record in enumerate(records[:limit] if limit else records):
         where = f"{path}: record {index}"
-        if not isinstance(record, dict):
-            raise BenchmarkFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        missing = [name for name in REQUIRED_FIELDS if name not in record]
-        if missing:
-            raise BenchmarkFileError(f"{where}: missing field(s) {missing} (MMHal-Bench records have {list(REQUIRED_FIELDS)})")
+        check_record(record, where, REQUIRED_FIELDS, "MMHal-Bench records")
         content = record["image_content"]
         if not isinstance(content, list) or not all(isinstance(c, str) for c in content):
             raise BenchmarkFileError(f"{where}: image_content must be a list of strings")

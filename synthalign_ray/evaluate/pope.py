@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray import store
-from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_text
+from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_text
 from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
 from synthalign_ray.stages.common import StrictModel
 
@@ -90,11 +90,7 @@ def read_questions(path: str, split: str, limit: int | None = None) -> list[dict
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise BenchmarkFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise BenchmarkFileError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        missing = [name for name in REQUIRED_FIELDS if name not in row]
-        if missing:
-            raise BenchmarkFileError(f"{path}:{number}: missing field(s) {missing} (POPE rows have {list(REQUIRED_FIELDS)})")
+        check_record(row, f"{path}:{number}", REQUIRED_FIELDS, "POPE rows")
         if row["label"] not in ("yes", "no"):
             raise BenchmarkFileError(f"{path}:{number}: label {row['label']!r} is not 'yes' or 'no'")
         if not isinstance(row["text"], str) or not row["text"].strip():

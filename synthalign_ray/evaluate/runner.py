@@ -15,8 +15,8 @@ paper evaluates. Output folder:
     <label>/<benchmark>_predictions.parquet one row per question / image
     trained/merged/         the merged model, when --adapter is given and OUTPUT is a local folder
 
-Benchmarks: pope (`pope.py`), chair (`chair.py`), mmhal (`mmhal.py`). Every file is checked before Ray
-starts; then each model answers the prompts of all benchmarks in one pass over one vLLM pool
+Benchmarks: pope (`pope.py`), chair (`chair.py`), mmhal (`mmhal.py`), amber (`amber.py`). Every file is
+checked before Ray starts; then each model answers the prompts of all benchmarks in one pass over one vLLM pool
 (`common.answer_prompts`), and the MMHal-Bench judge rates every model's answers in one more pass.
 """
 
@@ -33,14 +33,15 @@ from pydantic import Field
 from synthalign_ray import store
 from synthalign_ray.config import ConfigError, ResourcesConfig
 from synthalign_ray.engines.vllm_engine import VLLMPoolConfig
-from synthalign_ray.evaluate import chair, mmhal, pope
+from synthalign_ray.evaluate import amber, chair, mmhal, pope
+from synthalign_ray.evaluate.amber import AmberConfig
 from synthalign_ray.evaluate.chair import ChairConfig
 from synthalign_ray.evaluate.common import answer_prompts
 from synthalign_ray.evaluate.mmhal import MmhalConfig
 from synthalign_ray.evaluate.pope import PopeConfig
 from synthalign_ray.stages.common import StrictModel, check_model_ref
 
-BENCHMARKS = ("pope", "chair", "mmhal")
+BENCHMARKS = ("pope", "chair", "mmhal", "amber")
 
 
 class GenerationConfig(StrictModel):
@@ -56,6 +57,7 @@ class EvalConfig(StrictModel):
     pope: PopeConfig | None = None
     chair: ChairConfig | None = None
     mmhal: MmhalConfig | None = None
+    amber: AmberConfig | None = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
@@ -89,8 +91,7 @@ def benchmark_list(text: str | list[str]) -> list[str]:
     unknown = [name for name in names if name not in BENCHMARKS]
     if not names or unknown:
         raise ConfigError(
-            f"--benchmarks {text!r}: runnable benchmarks are {', '.join(BENCHMARKS)} (AMBER is scored from saved answers "
-            "with synthalign_ray.evaluate.metrics; the lmms-eval bridge covers general benchmarks)"
+            f"--benchmarks {text!r}: runnable benchmarks are {', '.join(BENCHMARKS)} (the lmms-eval bridge covers general benchmarks)"
         )
     return names
 
@@ -166,6 +167,10 @@ def load_inputs(cfg: EvalConfig, benchmarks: list[str]) -> dict[str, dict[str, A
         inputs["chair"] = {"prompts": rows, "objects": objects, "vocabulary": vocabulary}
     if "mmhal" in benchmarks:
         inputs["mmhal"] = {"prompts": mmhal.load_questions(cfg.mmhal)}
+    if "amber" in benchmarks:
+        rows, resources = amber.load_queries(cfg.amber, cfg.generation.max_tokens)
+        nouns, similar = amber.scorers(cfg.amber) if resources is not None else (None, None)
+        inputs["amber"] = {"prompts": rows, "resources": resources, "nouns": nouns, "similar": similar}
     return inputs
 
 
@@ -197,6 +202,15 @@ def score_benchmark(name: str, cfg: EvalConfig, inputs: dict[str, Any], answers:
             "synonyms": cfg.chair.synonyms or "synthalign_ray.evaluate.coco_synonyms (not CHAIR's full table)",
         }  # fmt: skip
         return table, scores, details
+    if name == "amber":
+        table, scores = amber.score(inputs["prompts"], answers, inputs["resources"], nouns=inputs["nouns"], similar=inputs["similar"])
+        details = {
+            "scorer": "AMBER inference.py's metrics; yes/no answers through POPE's parser", "units": "percent",
+            "nouns": cfg.amber.nouns, "spacy_model": cfg.amber.spacy_model, "prompt_suffix": cfg.amber.prompt_suffix,
+            "max_tokens": {"generative": cfg.amber.max_tokens, "discriminative": cfg.generation.max_tokens},
+            "queries": {task: sum(row["task"] == task for row in inputs["prompts"]) for task in ("generative", "discriminative")},
+        }  # fmt: skip
+        return table, scores, details
     table, scores = mmhal.score(inputs["prompts"], answers, replies)
     details = {
         "judge": cfg.mmhal.judge.model, "judge_backend": cfg.mmhal.judge.backend,
@@ -210,6 +224,8 @@ def headline(benchmark: str, scores: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a benchmark that go into evaluation.json and the summary line."""
     if benchmark == "pope":
         return scores["mean"]
+    if benchmark == "amber":
+        return amber.headline(scores)
     return {name: scores[name] for name in (chair.HEADLINE_METRICS if benchmark == "chair" else mmhal.HEADLINE_METRICS)}
 
 
@@ -220,6 +236,8 @@ def comparison_rows(benchmark: str, scores: dict[str, Any]) -> list[tuple[str, s
         return [(group, metric, values[metric], True) for group, values in groups for metric in pope.HEADLINE_METRICS]
     if benchmark == "chair":
         return [("all", metric, scores[metric], True) for metric in chair.HEADLINE_METRICS]
+    if benchmark == "amber":
+        return amber.comparison_rows(scores)
     groups = [("all", scores)] + [(f"type {name}", values) for name, values in scores["question_types"].items()]
     return [row for group, values in groups for row in ((group, "score (0-6)", values["score"], False), (group, "hallucination_rate", values["hallucination_rate"], True))]
 
@@ -242,7 +260,8 @@ def comparison_table(results: dict[str, dict[str, Any]], models: list[ModelUnder
         f"# Evaluation: {trained.reference}{' + ' + trained.adapter if trained.adapter else ''} vs {base.reference}",
         "",
         "Percent except MMHal-Bench's score (0-6); delta = trained - base. POPE: official parser, yes-ratio over "
-        "predictions; mean = over splits. CHAIR: CHAIRs, CHAIRi and recall over the captions.",
+        "predictions; mean = over splits. CHAIR: CHAIRs, CHAIRi and recall over the captions. AMBER: generative "
+        "CHAIR / Cover / Hal / Cog, discriminative per dimension with \"no\" as the positive class.",
     ]
     if judge is not None:
         lines.append(f"MMHal-Bench judged by {judge}: not comparable with GPT-4-judged scores.")
@@ -284,14 +303,23 @@ def load_eval_config(path: str, overrides: list[str] | None = None) -> EvalConfi
         cfg.pope.image_dir = near_config(cfg.pope.image_dir)
         cfg.pope.question_dir = near_config(cfg.pope.question_dir)
         cfg.pope.question_files = {split: near_config(p) for split, p in cfg.pope.question_files.items()}
-    for section, fields in (("chair", ("image_dir", "objects_file", "coco_instances", "coco_captions", "synonyms")), ("mmhal", ("image_dir", "response_file"))):
+    sections = (
+        ("chair", ("image_dir", "objects_file", "coco_instances", "coco_captions", "synonyms")),
+        ("mmhal", ("image_dir", "response_file")),
+        ("amber", ("image_dir", "data_dir", *amber.DATA_FILES)),
+    )
+    for section, fields in sections:
         benchmark = getattr(cfg, section)
         for name in fields if benchmark is not None else ():
             setattr(benchmark, name, near_config(getattr(benchmark, name)))
     return cfg
 
 
-SUMMARY_METRICS = {"pope": (("acc", "accuracy"), ("F1", "f1"), ("yes", "yes_ratio")), "chair": (("CHAIRs", "chair_s"), ("CHAIRi", "chair_i"), ("recall", "recall"))}
+SUMMARY_METRICS = {
+    "pope": (("acc", "accuracy"), ("F1", "f1"), ("yes", "yes_ratio")),
+    "chair": (("CHAIRs", "chair_s"), ("CHAIRi", "chair_i"), ("recall", "recall")),
+    "amber": (("CHAIR", "chair"), ("Cover", "cover"), ("Hal", "hal"), ("Cog", "cog"), ("F1", "f1")),
+}
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -302,6 +330,9 @@ def summary_line(summary: dict[str, Any]) -> str:
                 score = "n/a" if values["score"] is None else f"{values['score']:.2f}"
                 parts.append(f"{label} mmhal score {score} hallucination {_number(values['hallucination_rate'], True)}")
             else:
-                numbers = " ".join(f"{short} {_number(values[key], True)}" for short, key in SUMMARY_METRICS[benchmark])
+                scale = 100 if benchmark == "amber" else 1  # AMBER's numbers are percent already
+                numbers = " ".join(
+                    f"{short} {_number(None if values[key] is None else values[key] / scale, True)}" for short, key in SUMMARY_METRICS[benchmark]
+                )
                 parts.append(f"{label} {benchmark} {numbers}")
     return "; ".join(parts)

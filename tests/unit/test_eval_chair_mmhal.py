@@ -175,7 +175,7 @@ def test_chair_images_from_the_fixture_and_sampling(tmp_path):
 def test_chair_objects_file_errors(tmp_path):
     path = tmp_path / "objects.json"
     path.write_text(json.dumps({"a.jpg": "dog"}))
-    with pytest.raises(BenchmarkFileError, match=r"objects.json: objects of 'a.jpg' must be a list of names"):
+    with pytest.raises(BenchmarkFileError, match=r"objects.json: objects of 'a.jpg' must be a list of strings"):
         chair.read_objects_file(str(path))
     path.write_text("[]")
     with pytest.raises(BenchmarkFileError, match=r"objects.json: expected a non-empty JSON object"):
@@ -231,8 +231,8 @@ def test_chair_score_by_hand():
 def test_benchmark_list_knows_chair_and_mmhal():
     assert benchmark_list("pope, chair,mmhal") == ["pope", "chair", "mmhal"]
     assert benchmark_list("mmhal,pope,mmhal") == ["mmhal", "pope"]
-    with pytest.raises(ConfigError, match="runnable benchmarks are pope, chair, mmhal"):
-        benchmark_list("amber")
+    with pytest.raises(ConfigError, match="runnable benchmarks are pope, chair, mmhal, amber"):
+        benchmark_list("halbench")
 
 
 def _results(chair_s, score):
@@ -287,18 +287,25 @@ def test_missing_section_and_judge_key_fail_before_ray(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def evaluate_cli(tmp_path, benchmark: str, **sets: str):
+    """`synthalign evaluate` of the tiny config on one benchmark, its section's fields set (a file error must
+    stop it before Ray starts: exit 2, no output folder)."""
+    overrides = [arg for name, value in sets.items() for arg in ("--set", f"{benchmark}.{name}={value}")]
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate", "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--model", "zoo:lvlm-llava",
+            "--benchmarks", benchmark, "--output", str(tmp_path / "out"), *overrides,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    return result
+
+
 def test_cli_reports_a_malformed_mmhal_file_before_ray(tmp_path):
     response_file = write_mmhal_fixture(tmp_path)
     records = json.loads(response_file.read_text())
     del records[5]["question"]
     response_file.write_text(json.dumps(records))
-    result = CliRunner().invoke(
-        app,
-        [
-            "evaluate", "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--model", "zoo:lvlm-llava",
-            "--benchmarks", "mmhal", "--output", str(tmp_path / "out"),
-            "--set", f"mmhal.response_file={response_file}", "--set", f"mmhal.image_dir={tmp_path / 'images'}",
-        ],
-    )  # fmt: skip
-    assert result.exit_code == 2
+    result = evaluate_cli(tmp_path, "mmhal", response_file=str(response_file), image_dir=str(tmp_path / "images"))
     assert "response_template.json: record 5: missing field(s) ['question']" in result.output
