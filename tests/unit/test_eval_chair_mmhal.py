@@ -4,6 +4,7 @@ the evaluate command's errors before Ray starts. Expected numbers are worked out
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -64,6 +65,9 @@ def test_mmhal_scores_by_hand():
 
 
 def test_judge_prompt_is_the_official_template_filled_in():
+    # sha256 of `template` in llava-rlhf/LLaVA-RLHF Eval/eval_gpt_mmhal.py (6,631 characters), compared
+    # character by character with ours when it was last checked: a change to ours must be a change there
+    assert hashlib.sha256(mmhal.JUDGE_TEMPLATE.encode()).hexdigest() == "2c73d8c50f1740d000fae62cfeed103c2f7a5bcfa904b27e6e09900e7ce600cc"
     assert mmhal.JUDGE_TEMPLATE.count("{}") == 4
     assert mmhal.JUDGE_TEMPLATE.startswith("Please act as an impartial and objective judge")
     question = {"image_content": ["Tree", "Panda"], "question": "What is it?", "gt_answer": "A panda."}
