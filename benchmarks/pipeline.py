@@ -39,10 +39,9 @@ import pyarrow.parquet as pq
 from synthalign_ray import store
 from synthalign_ray.config import load_config
 from synthalign_ray.progress import StageStats, stage_stats
-from synthalign_ray.zoo import CORPUS
+from synthalign_ray.simulate import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
-CATEGORIES = ("art", "school", "daily", "nature", "city")
 # Every prompt gets its instruction from the template: the tiny instruction file covers only its 6 ids.
 TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
 # (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
@@ -226,16 +225,6 @@ def driver_memory(config: str, sizes: list[int], overrides: list[str], work: Pat
         f"    {small} prompts: {peaks[small]:.0f} MiB; {large} prompts: {peaks[large]:.0f} MiB; "
         f"growth {100 * growth:+.1f}% (target < 20%)",
     ]
-
-
-def write_prompts(path: Path, n: int) -> Path:
-    """n distinct prompts (ids `CATEGORY-NNNNN`, words from the zoo corpus), JSONL."""
-    with open(path, "w") as out:
-        for i in range(n):
-            words = [CORPUS[(7 * i + k * 13) % len(CORPUS)] for k in range(8)]
-            category = CATEGORIES[i % len(CATEGORIES)]
-            out.write(json.dumps({"id": f"{category}-{i:05d}", "category": category, "prompt": " ".join(words)}) + "\n")
-    return path
 
 
 if __name__ == "__main__":

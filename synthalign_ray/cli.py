@@ -346,14 +346,17 @@ def judge(
     typer.echo(f"{output or run.rstrip('/') + '/judge'}: judge.json, judge.md, verdicts.parquet ({result['seconds']}s)")
 
 
-# --- Capacity (issue 7): `synthalign plan` ------------------------------------------------------------
+# --- Capacity (issue 7): `synthalign plan`, `simulate`, `calibrate` ----------------------------------
+
+ConfigOption = Annotated[str, typer.Option("--config", "-c", help="generation YAML config")]
+ProfileOption = Annotated[str, typer.Option("--profile", help="per-stage throughput YAML (configs/profiles/, or `synthalign calibrate`)")]
 
 
 @app.command()
 def plan(
-    config: Annotated[str, typer.Option("--config", "-c", help="generation YAML config")],
+    config: ConfigOption,
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs of the cluster to split across the GPU stages")],
-    profile: Annotated[str, typer.Option("--profile", help="per-stage throughput YAML (configs/profiles/, or `synthalign calibrate`)")],
+    profile: ProfileOption,
     output: Annotated[str, typer.Option("--output", "-o", help="where to write the config with the planned pools")],
     overrides: SetOption = None,
 ):
@@ -373,6 +376,36 @@ def plan(
     if unused:
         typer.echo(f"note: profile stages not in the config, ignored: {unused}", err=True)
     typer.echo(f"{output}: written")
+
+
+@app.command()
+def simulate(
+    config: ConfigOption,
+    profile: ProfileOption,
+    gpus: Annotated[float, typer.Option("--gpus", help="fake GPUs of the simulated cluster")],
+    output: Annotated[str, typer.Option("--output", "-o", help="local run folder")],
+    rows: Annotated[int, typer.Option("--rows", help="generated prompts to run")] = 1000,
+    split: Annotated[str, typer.Option("--split", help="plan (synthalign plan's), equal, or config (its max_actors)")] = "plan",
+    time_scale: Annotated[float, typer.Option("--time-scale", help="simulated seconds per profile second")] = 1.0,
+    max_actors: Annotated[int, typer.Option("--max-actors", help="Ray actor processes at most (one stands for several replicas)")] = 40,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard what OUTPUT holds and start afresh")] = False,
+):
+    """Capacity questions only: run generate's driver on ROWS made-up prompts with every model stage a
+    sleep of the profile's seconds per batch, on N fake GPUs of a local Ray (no GPU, no model)."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.plan import PlanError, load_profile
+    from synthalign_ray.simulate import simulate as run
+
+    cfg = _load(config, overrides)
+    try:
+        result = run(cfg, load_profile(profile), gpus=gpus, rows=rows, output=output, split=split,
+                     time_scale=time_scale, max_actors=max_actors, overwrite=overwrite)
+    except (PlanError, ConfigError) as e:
+        _fail(str(e))
+    c = result.counts
+    typer.echo(f"{output}: {c['rows']} rows -> {c['pairs']} pairs, {c['dropped']} dropped, {c['failed']} failed; {result.seconds:.1f}s")
+    typer.echo(result.table())
 
 
 def main() -> None:

@@ -179,7 +179,7 @@ def check_same_config(cfg: SynthAlignConfig, output: str, overwrite: bool) -> No
         )
 
 
-def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = None, overwrite: bool = False) -> RunResult:
+def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = None, overwrite: bool = False, build=build_dataset) -> RunResult:
     """Run the pipeline of `cfg` into `output` (a folder or URI), resuming what is there; write the manifest."""
     import ray
 
@@ -219,7 +219,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     sink = store.StatusSplitDatasink(output)
     execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
     if todo:
-        dataset = build_dataset(cfg, prompts)
+        dataset = build(cfg, prompts)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
         execution = progress.run_stats(dataset)
     counts = accounting(output, rows, bad_rows, this_run=sink.counts)
