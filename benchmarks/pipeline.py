@@ -46,15 +46,59 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
 # (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
 LIGHT = ["images.guidance_scales=[5,7]", "images.steps=2", "resources.rows_per_block=4"]
-# Runs the CLI in the subprocess and prints the driver's own peak RSS, whatever the outcome.
+# Runs the CLI in the subprocess and prints the driver's own peak RSS and the object store's peak bytes
+# in use (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up), whatever the outcome.
 DRIVER = """
-import resource, sys
+import resource, sys, threading, time
 from synthalign_ray.cli import app
+peak = [0]
+def poll():
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+    state = None
+    while True:
+        time.sleep(0.5)
+        try:
+            if not ray.is_initialized():
+                state = None
+                continue
+            state = state or get_state_from_address(ray.get_runtime_context().gcs_address)
+            peak[0] = max(peak[0], get_memory_info_reply(state).store_stats.object_store_bytes_used)
+        except Exception:
+            state = None
+threading.Thread(target=poll, daemon=True).start()
 try:
     app(sys.argv[1:], standalone_mode=False)
 finally:
     print(f"DRIVER_PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
+    print(f"OBJECT_STORE_PEAK_BYTES={peak[0]}", flush=True)
 """
+
+
+@dataclass
+class DriverRun:
+    peak_rss_mib: float  # the driver process alone (getrusage RUSAGE_SELF), not Ray's workers
+    object_store_peak_mib: float
+    seconds: float
+    stdout: str
+
+
+def run_driver(cli_args: list[str], log_path: Path) -> DriverRun:
+    """`synthalign CLI_ARGS` in a subprocess; its peak RSS and the object store's peak use."""
+    command = [sys.executable, "-c", DRIVER, *cli_args]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    seconds = time.perf_counter() - started
+    values = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith(("DRIVER_PEAK_RSS_KIB=", "OBJECT_STORE_PEAK_BYTES=")))
+    if done.returncode != 0 or "DRIVER_PEAK_RSS_KIB" not in values:
+        raise RuntimeError(f"synthalign {cli_args[0]} failed (exit {done.returncode}); see {log_path}")
+    return DriverRun(
+        peak_rss_mib=int(values["DRIVER_PEAK_RSS_KIB"]) / 1024,
+        object_store_peak_mib=int(values["OBJECT_STORE_PEAK_BYTES"]) / 1024**2,
+        seconds=seconds,
+        stdout=done.stdout,
+    )
 
 
 @dataclass
@@ -205,17 +249,11 @@ def driver_memory(config: str, sizes: list[int], overrides: list[str], work: Pat
         prompts_file = write_prompts(work / f"prompts-{n}.jsonl", n)
         output = work / f"rss-{n}"
         sets = [f"prompts.path={prompts_file}", *TEMPLATE_INSTRUCTIONS, *overrides]
-        command = [sys.executable, "-c", DRIVER, "generate", "--config", config, "--output", str(output)]
+        command = ["generate", "--config", config, "--output", str(output)]
         for item in sets:
             command += ["--set", item]
-        started = time.perf_counter()
-        with open(work / f"rss-{n}.log", "w") as log:
-            done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
-        seconds = time.perf_counter() - started
-        rss = [line for line in done.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KIB=")]
-        if done.returncode != 0 or not rss:
-            raise RuntimeError(f"generate on {n} prompts failed (exit {done.returncode}); see {work / f'rss-{n}.log'}")
-        peaks[n] = int(rss[-1].split("=")[1]) / 1024
+        run = run_driver(command, work / f"rss-{n}.log")
+        peaks[n], seconds = run.peak_rss_mib, run.seconds
         counts = json.loads((output / store.MANIFEST).read_text())["counts"]
         print(f"  {n} prompts: driver peak RSS {peaks[n]:.0f} MiB, {seconds:.0f} s, {counts['pairs']} pairs", flush=True)
     small, large = sizes

@@ -304,20 +304,22 @@ def shard_commits(output: str, folder: str = "pairs") -> list[tuple[float, int]]
 
 
 def steady_rate(commits: list[tuple[float, int]], window: tuple[float, float] = STEADY_WINDOW) -> float | None:
-    """Rows/s between the commit that takes the run past window[0] of its rows and the one that takes
-    it past window[1] (fill and drain left out); None with too few commits to tell."""
+    """Rows/s of the run's steady state: the slope of the least-squares line through (commit time, rows
+    committed so far) over the commits between window[0] and window[1] of the run's rows, so that fill
+    and drain are left out. A slope rather than two end points: when all replicas of the slowest stage
+    start together, shards commit in waves, and two end points would fall on arbitrary places of two
+    waves. None with fewer than 3 commits in the window, or all at one time."""
     total = sum(rows for _, rows in commits)
-    done, start, end = 0, None, None
+    points, done = [], 0
     for at, rows in commits:
         done += rows
-        if start is None and done >= window[0] * total:
-            start = (at, done)
-        if done >= window[1] * total:
-            end = (at, done)
-            break
-    if start is None or end is None or end[0] <= start[0]:
+        if window[0] * total <= done <= window[1] * total:
+            points.append((at, done))
+    if len(points) < 3 or points[-1][0] <= points[0][0]:
         return None
-    return (end[1] - start[1]) / (end[0] - start[0])
+    times = np.array([t for t, _ in points]) - points[0][0]
+    counts = np.array([c for _, c in points], dtype=np.float64)
+    return float(np.polyfit(times, counts, 1)[0])
 
 
 # --- the command --------------------------------------------------------------------------------------
