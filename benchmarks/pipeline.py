@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from synthalign_ray import store
 from synthalign_ray.config import load_config
-from synthalign_ray.progress import StageStats, stage_stats
+from synthalign_ray.calibrate import stages_alone
+from synthalign_ray.progress import StageStats
 from synthalign_ray.simulate import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,14 +102,6 @@ def run_driver(cli_args: list[str], log_path: Path) -> DriverRun:
     )
 
 
-@dataclass
-class StageRate:
-    stage: str
-    rows: int
-    operator: str  # the stage's last Ray Data operator, whose rate is the stage's
-    rows_per_s: float
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -144,7 +137,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     operators = [StageStats(**stage) for stage in result.manifest["stages"] if stage["rows_in"] is not None]
     pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
 
-    alone = stages_alone(cfg, work)
+    alone = stages_alone(cfg, store.read_table(store.join(output, store.PROMPTS_FILE)), str(work / "stages-alone"))
     slowest = min(alone, key=lambda s: s.rows_per_s)
     # "responses (all LVLMs)" repeats the work of the per-LVLM stages: counted once, through them.
     shared_bound = 1 / sum(1 / s.rows_per_s for s in alone if s.stage != "responses (all LVLMs)")
@@ -171,69 +164,6 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     ]
     print("\n".join(lines), flush=True)
     return lines
-
-
-def stages_alone(cfg, work: Path) -> list[StageRate]:
-    """Each stage of `pipeline.build_dataset`, in its order, alone on the rows the pipeline gives it.
-
-    Mirrors build_dataset stage for stage (the last line of `throughput` checks that the outcome is the
-    pipeline's). Each stage's input is the previous stage's materialized output, re-read through
-    `from_arrow_refs` so that its stats hold its own operators only."""
-    import ray
-
-    from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
-    from synthalign_ray.stages.images import ImageGenerator
-    from synthalign_ray.stages.instructions import add_instructions
-    from synthalign_ray.stages.pairs import PairBuilder
-    from synthalign_ray.stages.response_scores import ResponseScorer
-    from synthalign_ray.stages.responses import add_responses
-
-    def pure(stage):
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
-
-    prompts = store.read_table(store.join(str(work / "pipeline"), store.PROMPTS_FILE))
-    step = cfg.resources.rows_per_block
-    blocks = [ray.put(prompts.slice(start, step)) for start in range(0, prompts.num_rows, step)]
-    rates: list[StageRate] = []
-
-    def alone(name, apply, blocks, sink=None):
-        dataset = apply(ray.data.from_arrow_refs(blocks))
-        if sink is None:
-            dataset = dataset.materialize()
-        else:
-            dataset.write_datasink(sink)
-        last = stage_stats(dataset.get_stats_summary())[-1]
-        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s))
-        print(f"  alone: {name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
-        return None if sink is not None else dataset.to_arrow_refs()
-
-    images = alone("images", lambda ds: ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs()), blocks)
-    scored = alone(
-        "image_scores",
-        lambda ds: ds.map_batches(ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()),
-        images,
-    )
-    instructed = alone(
-        "selection + instructions",
-        lambda ds: add_instructions(ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by]))), cfg.instructions, run_seed=cfg.seed),
-        scored,
-    )
-    for model in cfg.responses.models:
-        one_model = cfg.responses.model_copy(update={"models": [model]})
-        alone(f"responses[{model.name}]", lambda ds: add_responses(ds, one_model, run_seed=cfg.seed), instructed)
-    answered = alone("responses (all LVLMs)", lambda ds: add_responses(ds, cfg.responses, run_seed=cfg.seed), instructed)
-    rates.pop()  # not a stage of its own: its LVLM pools are, each measured alone above
-    scored_answers = alone(
-        "response_scores",
-        lambda ds: ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg.response_scores}, **cfg.response_scores.pool.map_batches_kwargs()),
-        answered,
-    )
-    if cfg.judge is not None:
-        from synthalign_ray.stages.judge import add_judge_scores
-
-        scored_answers = alone("judge", lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed), scored_answers)
-    alone("pairs + write", lambda ds: ds.map_batches(**pure(PairBuilder(cfg.pairs))), scored_answers, sink=store.StatusSplitDatasink(str(work / "stages-alone")))
-    return rates
 
 
 def ids_written(output: str) -> list[str]:

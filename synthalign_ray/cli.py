@@ -408,6 +408,27 @@ def simulate(
     typer.echo(result.table())
 
 
+@app.command()
+def calibrate(
+    config: ConfigOption,
+    output: Annotated[str, typer.Option("--output", "-o", help="profile YAML to write")],
+    prompts: Annotated[int, typer.Option("--prompts", help="generated prompts each stage runs on")] = 64,
+    gpu_name: Annotated[Optional[str], typer.Option("--gpu-name", help="GPU type to record (default: CUDA's name, or cpu)")] = None,
+    spot: Annotated[float, typer.Option("--spot", help="USD per GPU-hour, spot")] = 0.0,
+    on_demand: Annotated[float, typer.Option("--on-demand", help="USD per GPU-hour, on demand")] = 0.0,
+    overrides: SetOption = None,
+):
+    """Measure each stage alone (one replica per pool) on generated prompts; write a profile for `plan`."""
+    from synthalign_ray.calibrate import calibrate as run
+    from synthalign_ray.plan import GpuPrice
+
+    cfg = _load(config, overrides)
+    profile = run(cfg, prompts, output, gpu=gpu_name, price=GpuPrice(on_demand=on_demand, spot=spot))
+    for stage in profile.stages:
+        typer.echo(f"{stage.name:26s} {stage.seconds_per_batch:9.3f} s per batch of {stage.batch_size:3d}  ({stage.note})")
+    typer.echo(f"{output}: written ({profile.gpu})")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()

@@ -27,7 +27,6 @@ pairs, the shard writes) run as CPU tasks and are assumed never to be the bottle
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from dataclasses import dataclass

@@ -100,7 +100,6 @@ def _repeated_list(value: pa.Scalar, per_row: int, rows: int) -> pa.Array:
 
 def simulated_columns(kind: str, stage: str, cfg: SynthAlignConfig, table: pa.Table) -> list[tuple[pa.Field, pa.Array]]:
     """The columns the real stage `stage` (of `kind`) adds to `table`, with made-up values."""
-    from synthalign_ray.stages.image_scores import SCORE_COLUMNS  # noqa: F401 (same names as score_columns)
     from synthalign_ray.stages.instructions import INSTRUCTION_FIELDS
     from synthalign_ray.stages.judge import JUDGE_FIELDS
     from synthalign_ray.store import IMAGE_TYPE

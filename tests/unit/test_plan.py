@@ -207,3 +207,32 @@ def test_config_split_over_budget(tmp_path):
     cfg = load_config(TINY, ["images.pool.max_actors=30"])
     with pytest.raises(PlanError, match="max_actors take 34.5 GPUs, more than 16"):
         replicas_for_split(cfg, load_profile(tiny_profile(tmp_path)), 16, "config")
+
+
+def test_measured_profile_from_stage_rates():
+    from synthalign_ray.calibrate import StageRate as Measured
+    from synthalign_ray.calibrate import profile_from_rates, profile_name, single_replica
+    from synthalign_ray.plan import GpuPrice
+
+    cfg = single_replica(load_config(TINY, ["images.pool.max_actors=3"]))
+    assert all(ref.pool.min_actors == ref.pool.max_actors == 1 for ref in gpu_pools(cfg))
+    rates = [
+        Measured("images", 12, "MapBatches(ImageGenerator)", 0.5),
+        Measured("image_scores", 12, "MapBatches(ImageScorer)", 3.0),
+        Measured("selection + instructions", 12, "MapBatches(ImageSelector)", 100.0),
+        Measured("responses[llava-1.5]", 12, "Map(finish_row)", 1.0),
+        Measured("responses[llava-next]", 12, "Map(finish_row)", 2.0),
+        Measured("response_scores", 12, "MapBatches(ResponseScorer)", 4.0),
+        Measured("pairs + write", 12, "Write", 50.0),
+    ]
+    assert [profile_name(r.stage) for r in rates] == [
+        "images", "image_scores", "instructions", "llava-1.5", "llava-next", "response_scores", None,
+    ]
+    profile = profile_from_rates(cfg, rates, gpu="cpu", price=GpuPrice(on_demand=0, spot=0), on_gpu=False, prompts=12)
+    assert profile.source.kind == "measured" and "CPU" in profile.source.how
+    by_name = {s.name: s for s in profile.stages}
+    assert list(by_name) == ["images", "image_scores", "llava-1.5", "llava-next", "response_scores"]  # file instructions: no pool
+    assert by_name["images"].seconds_per_batch == pytest.approx(cfg.images.pool.batch_size / 0.5)
+    assert by_name["llava-next"].rows_per_s == pytest.approx(2.0)
+    assert all(s.num_gpus == 1 for s in profile.stages)  # CPU replicas: one device each
+    assert make_plan(load_config(TINY), profile, 8).replicas["images"] >= 2  # the measured profile plans

@@ -1,0 +1,178 @@
+"""Calibration: each stage of the pipeline alone, and a measured profile for `synthalign plan`.
+
+    synthalign calibrate --config configs/paper.yaml --prompts 200 --output configs/profiles/mine.yaml
+
+`stages_alone` runs every stage of `pipeline.build_dataset`, in its order, alone on the rows the stage
+before it produced (benchmarks/pipeline.py uses it too, to compare the pipeline with its slowest stage).
+A stage's rate is its last Ray Data operator's (rows out / first task start to last task end), so model
+loading and engine start-up are not in it. `calibrate` runs them with ONE replica per model pool on K
+generated prompts, and writes each GPU stage's seconds per batch = batch_size / (rows/s of its one
+replica) into a profile (`plan.Profile`, source: measured). Calibrate on the GPU type you will plan for,
+with the batch sizes you will run; on a machine without GPUs, replicas run on the CPU and the profile
+says so (num_gpus 1 stands for the replica's one device).
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from synthalign_ray import store
+from synthalign_ray.config import SynthAlignConfig
+from synthalign_ray.plan import GpuPrice, Profile, ProfileSource, StageProfile, gpu_pools, write_profile
+from synthalign_ray.progress import stage_stats
+
+
+@dataclass
+class StageRate:
+    stage: str
+    rows: int
+    operator: str  # the stage's last Ray Data operator, whose rate is the stage's
+    rows_per_s: float
+
+
+def profile_name(stage: str) -> str | None:
+    """The profile's name of a stage of `stages_alone` (None: a model-free stage, never planned)."""
+    if stage.startswith("responses[") and stage.endswith("]"):
+        return stage[len("responses[") : -1]
+    return {"images": "images", "image_scores": "image_scores", "response_scores": "response_scores", "judge": "judge",
+            "selection + instructions": "instructions"}.get(stage)
+
+
+def stages_alone(cfg: SynthAlignConfig, prompts, sink_output: str) -> list[StageRate]:
+    """Each stage of `pipeline.build_dataset`, in its order, alone on the rows the pipeline gives it.
+
+    `prompts` is the pipeline's input table (`stages.prompts.prompts_table`); the last stage (pairs)
+    writes to `sink_output` through the real datasink. Mirrors build_dataset stage for stage
+    (benchmarks/pipeline.py checks that the outcome is the pipeline's). Each stage's input is the
+    previous stage's materialized output, fed in the same blocks and re-read through `from_arrow_refs`
+    so that its stats hold its own operators only. Each LVLM of `responses` is its own stage."""
+    import ray
+
+    from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
+    from synthalign_ray.stages.images import ImageGenerator
+    from synthalign_ray.stages.instructions import add_instructions
+    from synthalign_ray.stages.pairs import PairBuilder
+    from synthalign_ray.stages.response_scores import ResponseScorer
+    from synthalign_ray.stages.responses import add_responses
+
+    def pure(stage):
+        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+
+    step = cfg.resources.rows_per_block
+    blocks = [ray.put(prompts.slice(start, step)) for start in range(0, prompts.num_rows, step)]
+    rates: list[StageRate] = []
+
+    def alone(name, apply, blocks, sink=None):
+        dataset = apply(ray.data.from_arrow_refs(blocks))
+        if sink is None:
+            dataset = dataset.materialize()
+        else:
+            dataset.write_datasink(sink)
+        last = stage_stats(dataset.get_stats_summary())[-1]
+        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s))
+        print(f"  alone: {name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
+        return None if sink is not None else dataset.to_arrow_refs()
+
+    images = alone("images", lambda ds: ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs()), blocks)
+    scored = alone(
+        "image_scores",
+        lambda ds: ds.map_batches(ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()),
+        images,
+    )
+    instructed = alone(
+        "selection + instructions",
+        lambda ds: add_instructions(ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by]))), cfg.instructions, run_seed=cfg.seed),
+        scored,
+    )
+    for model in cfg.responses.models:
+        one_model = cfg.responses.model_copy(update={"models": [model]})
+        alone(f"responses[{model.name}]", lambda ds: add_responses(ds, one_model, run_seed=cfg.seed), instructed)
+    answered = alone("responses (all LVLMs)", lambda ds: add_responses(ds, cfg.responses, run_seed=cfg.seed), instructed)
+    rates.pop()  # not a stage of its own: its LVLM pools are, each measured alone above
+    scored_answers = alone(
+        "response_scores",
+        lambda ds: ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg.response_scores}, **cfg.response_scores.pool.map_batches_kwargs()),
+        answered,
+    )
+    if cfg.judge is not None:
+        from synthalign_ray.stages.judge import add_judge_scores
+
+        scored_answers = alone("judge", lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed), scored_answers)
+    alone("pairs + write", lambda ds: ds.map_batches(**pure(PairBuilder(cfg.pairs))), scored_answers, sink=store.StatusSplitDatasink(sink_output))
+    return rates
+
+
+def single_replica(cfg: SynthAlignConfig) -> SynthAlignConfig:
+    """The config with every GPU stage's pool at one replica (min = max = 1)."""
+    data = cfg.model_dump(mode="json")
+    for ref in gpu_pools(cfg):
+        node = data
+        for part in ref.path.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node["pool"].update(min_actors=1, max_actors=1)
+    return SynthAlignConfig.model_validate(data)
+
+
+def profile_from_rates(cfg: SynthAlignConfig, rates: list[StageRate], *, gpu: str, price: GpuPrice, on_gpu: bool, prompts: int) -> Profile:
+    """A measured profile: one entry per GPU stage of `cfg` (one replica each), from its rate alone."""
+    by_name = {profile_name(r.stage): r for r in rates if profile_name(r.stage) is not None}
+    stages = []
+    for ref in gpu_pools(cfg):
+        rate = by_name[ref.name]
+        gpus = ref.pool.num_gpus
+        if gpus is None:  # a vLLM pool's default: one GPU per tensor-parallel worker when there are GPUs
+            gpus = float(ref.pool.tensor_parallel_size) if on_gpu else 0.0
+        stages.append(
+            StageProfile(
+                name=ref.name,
+                seconds_per_batch=round(ref.pool.batch_size / rate.rows_per_s, 4),
+                batch_size=ref.pool.batch_size,
+                num_gpus=gpus if gpus > 0 else 1,
+                note=f"{rate.rows} rows, {rate.rows_per_s:.4f} rows/s ({rate.operator})"
+                + ("" if gpus > 0 else "; ran on the CPU"),
+            )
+        )
+    device = "GPU" if on_gpu else "CPU (no GPU: num_gpus 1 stands for the replica's one device)"
+    how = (
+        f"synthalign calibrate on {prompts} prompts, {platform.node()}: each stage alone with one replica on {device}; "
+        "seconds_per_batch = batch_size / (rows out / first task start to last task end of its last operator)"
+    )
+    return Profile(gpu=gpu, gpu_hour_usd=price, source=ProfileSource(kind="measured", how=how), stages=stages)
+
+
+def calibrate(cfg: SynthAlignConfig, prompts: int, output: str, *, gpu: str | None = None, price: GpuPrice | None = None,
+              work: str | None = None) -> Profile:
+    """Run each stage alone on `prompts` generated prompts (one replica per pool) and write the profile."""
+    import ray
+
+    from synthalign_ray.pipeline import init_ray, prepare_zoo_models
+    from synthalign_ray.simulate import simulation_config, write_prompts
+    from synthalign_ray.stages.prompts import prompts_table, read_prompts
+
+    work_dir = Path(work or tempfile.mkdtemp(prefix="calibrate-"))
+    cfg = single_replica(simulation_config(cfg, str(write_prompts(work_dir / "prompts.jsonl", prompts))))
+    rows, _ = read_prompts(cfg.prompts, cfg.seed)
+    prepare_zoo_models(cfg)
+    init_ray(cfg.resources, cfg.chat_models().values())
+    try:
+        on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        rates = stages_alone(cfg, prompts_table(rows), str(work_dir / "stages-alone"))
+    finally:
+        ray.shutdown()
+    if gpu is None:
+        gpu = _gpu_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
+    profile = profile_from_rates(cfg, rates, gpu=gpu, price=price or GpuPrice(on_demand=0, spot=0), on_gpu=on_gpu, prompts=prompts)
+    write_profile(profile, output, header="Measured by `synthalign calibrate`; set gpu_hour_usd to your prices.")
+    return profile
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:
+        return "gpu"
