@@ -34,14 +34,30 @@ class ConfigError(ValueError):
 
 
 class ResourcesConfig(StrictModel):
-    ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the run")
+    ray_address: str | None = Field(
+        None,
+        description="None: join RAY_ADDRESS's cluster (as under `ray job submit`), else a cluster `ray start` "
+        "runs on this machine unless num_cpus is set, else start a local Ray",
+    )
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="CPUs of a local Ray of the run's own, started even if a `ray start` cluster runs on this "
+        "machine; ignored when joining a cluster (ray_address or RAY_ADDRESS set)",
+    )
     env: dict[str, str] = Field(default_factory=dict, description="environment of every Ray worker")
     rows_per_block: int = Field(
         16,
         ge=1,
         description="prompts per Ray Data block: the unit that streams through the stages and is committed "
         "to the output at once (a row with its K images is megabytes at real resolutions)",
+    )
+    max_lost_blocks: int = Field(
+        -1,
+        ge=-1,
+        description="blocks Ray Data may give up on (a task failed past Ray's own retries, e.g. an object lost "
+        "with its node that could not be rebuilt) before the run aborts; their rows are recorded failed "
+        "(failed_stage `ray`) and tried again by a rerun. -1: no limit, 0: the first lost block aborts the run",
     )
 
 

@@ -30,7 +30,7 @@ from synthalign_ray import progress, store, zoo
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, submitted_job_env_vars
-from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
+from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, start_batch_attempts
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
 from synthalign_ray.stages.instructions import add_instructions, missing_instructions
@@ -41,6 +41,14 @@ from synthalign_ray.stages.response_scores import ResponseScorer
 from synthalign_ray.stages.responses import add_responses
 
 log = logging.getLogger(__name__)
+
+
+# A row whose block Ray Data gave up on (resources.max_lost_blocks): its task failed past Ray's retries
+# before any stage could record the row's own outcome.
+LOST_STAGE = "ray"
+LOST_ERROR = (
+    "LostBlock: the block holding this row failed after Ray's retries; the Ray logs say why; a rerun tries it again"
+)
 
 
 class AccountingError(RuntimeError):
@@ -124,9 +132,12 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
     # those are left to the job.
     env = {key: value for key, value in env.items() if key not in submitted_job_env_vars()}
     joining = resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
+    # A set num_cpus asks for a local Ray of the run's own: ray.init(address=None) would join a cluster
+    # that `ray start` left running on this machine instead, and refuse num_cpus there.
+    local = not joining and resources.num_cpus is not None
     ray.init(
-        address=resources.ray_address,
-        num_cpus=None if joining else resources.num_cpus,  # a running cluster's CPUs are its own
+        address="local" if local else resources.ray_address,
+        num_cpus=resources.num_cpus if local else None,  # a running cluster's CPUs are its own
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
@@ -219,9 +230,15 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     sink = store.StatusSplitDatasink(output)
     execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
     if todo:
+        # A block whose actor task failed past its retries is skipped (and counted) instead of failing
+        # the whole run; its rows are recorded failed below.
+        ray.data.DataContext.get_current().max_errored_blocks = cfg.resources.max_lost_blocks
+        attempts = start_batch_attempts()  # held: a named actor lives while its handle does
         dataset = build(cfg, prompts)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
         execution = progress.run_stats(dataset)
+        ray.kill(attempts)
+        record_lost_rows(output, prompts)
     counts = accounting(output, rows, bad_rows, this_run=sink.counts)
     manifest.update(
         counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
@@ -239,6 +256,28 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             near_miss_margin=settings.near_miss_margin,
         )
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
+
+
+def lost_rows(prompts, written: set[str]):
+    """The rows of `prompts` (the pipeline's input table) with no shard in the output, as failed rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lost = prompts.filter(pc.invert(pc.is_in(prompts.column("id"), value_set=pa.array(sorted(written), pa.string()))))
+    n = lost.num_rows
+    for name, value in (("status", STATUS_FAILED), ("failed_stage", LOST_STAGE), ("error", LOST_ERROR)):
+        lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array([value] * n, pa.string()))
+    return lost
+
+
+def record_lost_rows(output: str, prompts) -> int:
+    """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
+    _, written, _ = store.output_counts(output)
+    lost = lost_rows(prompts, written)
+    if lost.num_rows:
+        log.warning("%d rows were lost with their blocks and are recorded failed, e.g. %s", lost.num_rows, lost.column("id")[:5].to_pylist())
+        store.write_table(store.join(output, store.FOLDERS[STATUS_FAILED], store.shard_name(lost)), store.with_hf_features(lost))
+    return lost.num_rows
 
 
 def accounting(output: str, rows: list[dict], bad_rows: list, this_run: dict) -> dict[str, Any]:

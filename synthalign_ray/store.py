@@ -10,6 +10,7 @@ Layout of a run folder (local path or any pyarrow filesystem URI such as s3://bu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import uuid
@@ -237,18 +238,25 @@ def remove_shards(uri: str) -> int:
     return len(shards)
 
 
+def shard_name(table: pa.Table) -> str:
+    """A shard's file name, from the ids of its rows: writing the same rows twice gives the same name."""
+    ids = "\n".join(table.column("id").to_pylist())
+    return f"part-{hashlib.sha256(ids.encode()).hexdigest()[:24]}.parquet"
+
+
 class StatusSplitDatasink(Datasink[dict[str, dict[str, int]]]):
     """Ray Data datasink writing each block's rows to `pairs/`, `dropped/` or `failed/` by status.
 
     One Parquet file per block and destination, written to a temporary name and moved into place, so a
-    reader never sees a half-written shard and a resume sees a block's rows all or not at all. `write`
-    returns row counts by status, drop reason and failed stage; Ray Data hands them to
+    reader never sees a half-written shard and a resume sees a block's rows all or not at all. A shard is
+    named after the ids it holds (`shard_name`): when Ray runs a write again (its node was lost after
+    the move, before Ray heard back), the same rows land on the same name, never in a second shard.
+    `write` returns row counts by status, drop reason and failed stage; Ray Data hands them to
     `on_write_complete`, which adds them up in `self.counts` for the manifest.
     """
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
-        self.write_id = uuid.uuid4().hex[:12]
         self.counts = empty_counts()
 
     def get_name(self) -> str:
@@ -258,14 +266,13 @@ class StatusSplitDatasink(Datasink[dict[str, dict[str, int]]]):
         import pyarrow.compute as pc
 
         counts = empty_counts()
-        for index, block in enumerate(blocks):
+        for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             for status, folder in FOLDERS.items():
                 part = table.filter(pc.equal(table.column("status"), status))
                 if not part.num_rows:
                     continue
-                name = f"part-{self.write_id}-{ctx.task_idx:05d}-{index:03d}-{uuid.uuid4().hex[:8]}.parquet"
-                write_table(join(self.output_uri, folder, name), with_hf_features(part))
+                write_table(join(self.output_uri, folder, shard_name(part)), with_hf_features(part))
                 add_counts(counts, status_counts(part))
         return counts
 

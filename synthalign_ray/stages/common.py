@@ -29,6 +29,10 @@ _FAILURE = "__failure__"
 # "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.
 FAULTS_ENV = "SYNTHALIGN_INJECT_FAULTS"
 DELAYS_ENV = "SYNTHALIGN_INJECT_DELAYS"
+# "image_scores:art-0001" makes the process running stage `image_scores` on a batch holding row art-0001
+# exit at once, as a preempted node or an OOM kill would: Ray's actor restarts and task retries are what
+# is tested, not our row isolation.
+CRASHES_ENV = "SYNTHALIGN_INJECT_CRASHES"
 
 
 class InjectedFault(RuntimeError):
@@ -45,6 +49,65 @@ def injected_delay(stage: str, row_ids: set[str]) -> float:
     ("pairs:weather-0001=30,..."): holds one block back, e.g. so a test can kill a run between shards."""
     delays = [item.rsplit("=", 1) for item in injected_faults(stage, DELAYS_ENV) if "=" in item]
     return max((float(seconds) for row_id, seconds in delays if row_id in row_ids), default=0.0)
+
+class BatchAttempts:
+    """A Ray actor of the run that counts how many times each batch of a model stage was started and not
+    finished. Ray restarts a replica that died (node lost, OOM kill, a crash) and resubmits its batch
+    without limit (Ray Data's default, right for preempted nodes); a batch whose replica died on it more
+    than `crash_retries` times is then recorded failed instead of run again (`RowStage`), so one row that
+    kills its model server cannot stall the run forever. Finished batches are forgotten: the actor holds
+    only batches in flight or crashed."""
+
+    def __init__(self):
+        self.started: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        self.started[key] = self.started.get(key, 0) + 1
+        return self.started[key]
+
+    def finish(self, key: str) -> None:
+        self.started.pop(key, None)
+
+
+BATCH_ATTEMPTS_ACTOR = "synthalign-batch-attempts"
+
+
+def start_batch_attempts():
+    """The driver's BatchAttempts actor, on the driver's node (the head under `ray job submit`), where a
+    lost worker node cannot take it along; the stages' replicas find it by name within the job."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(BatchAttempts).options(name=BATCH_ATTEMPTS_ACTOR, num_cpus=0, get_if_exists=True, scheduling_strategy=here)
+    return actor.remote()
+
+
+def batch_attempts():
+    """The run's BatchAttempts actor, or None outside `generate` (a stage run on its own)."""
+    import ray
+
+    try:
+        return ray.get_actor(BATCH_ATTEMPTS_ACTOR)
+    except ValueError:
+        return None
+
+
+class BatchAttempt:
+    """One run of one batch, counted in the BatchAttempts actor."""
+
+    def __init__(self, ledger, key: str, number: int):
+        self.ledger, self.key, self.number = ledger, key, number
+
+    @classmethod
+    def start(cls, ledger, key: str) -> BatchAttempt:
+        import ray
+
+        return cls(ledger, key, ray.get(ledger.start.remote(key)))
+
+    def finish(self) -> None:
+        self.ledger.finish.remote(self.key)
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATH_PREFIXES = ("/", "./", "../", "~")
@@ -102,6 +165,11 @@ class ReplicasConfig(StrictModel):
     min_actors: int = Field(1, ge=1, description="replicas kept alive")
     max_actors: int = Field(1, ge=1, description="replicas Ray Data may scale up to")
     batch_size: int = Field(4, ge=1, description="rows (prompts) per batch handed to one replica")
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type every replica needs, e.g. A100 or L4 (the node resource "
+        "`accelerator_type:A100`), so that each stage lands on the GPU kind it was sized for",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self):
@@ -116,6 +184,15 @@ class ActorPoolConfig(ReplicasConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     max_batch_retries: int = Field(1, ge=0, description="retries of a failing batch before rows are tried alone")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica, e.g. {diffusion_node: 1}"
+    )
+    crash_retries: int = Field(
+        2,
+        ge=0,
+        description="times a batch is run again after its replica died running it (node lost, OOM kill, a "
+        "crash; Ray restarts the replica and resubmits the batch) before its rows are recorded failed",
+    )
 
     def torch_device(self) -> str:
         """Where a replica puts its model: on its GPU when the pool gives it one."""
@@ -126,6 +203,9 @@ class ActorPoolConfig(ReplicasConfig):
     def map_batches_kwargs(self) -> dict[str, Any]:
         from ray.data import ActorPoolStrategy
 
+        placement = {"accelerator_type": self.accelerator_type} if self.accelerator_type else {}
+        if self.resources:
+            placement["resources"] = self.resources
         return dict(
             compute=ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             num_gpus=self.num_gpus,
@@ -133,6 +213,7 @@ class ActorPoolConfig(ReplicasConfig):
             batch_size=self.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
+            **placement,
         )
 
 
@@ -151,8 +232,9 @@ class RowStage:
     name: str = "stage"
     output_fields: list[pa.Field] = []
 
-    def __init__(self, max_batch_retries: int = 1):
+    def __init__(self, max_batch_retries: int = 1, crash_retries: int | None = None):
         self.max_batch_retries = max_batch_retries
+        self.crash_retries = crash_retries  # None: a task stage, not counted (see BatchAttempts)
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -172,6 +254,12 @@ class RowStage:
         ok_index = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
         results: dict[int, dict[str, Any]] = {}
         errors: dict[int, str] = {}
+        attempt = self._start_attempt([rows[i]["id"] for i in ok_index])
+        if attempt is not None and attempt.number > self.crash_retries + 1:
+            died = attempt.number - 1
+            log.error("%s: the replicas running a batch died %d times; failing its %d rows", self.name, died, len(ok_index))
+            error = f"ReplicaDied: the {self.name} replica running this row's batch died {died} times (node lost, OOM kill or a crash; see the Ray logs)"
+            return self._assemble(table, {}, dict.fromkeys(ok_index, error))
         try:
             outputs = self._with_retries([rows[i] for i in ok_index])
             results.update(zip(ok_index, outputs))
@@ -182,11 +270,24 @@ class RowStage:
                     results[i] = self._checked([rows[i]])[0]
                 except Exception as row_error:
                     errors[i] = f"{type(row_error).__name__}: {row_error}"
+        if attempt is not None:
+            attempt.finish()
         return self._assemble(table, results, errors)
 
+    def _start_attempt(self, ids: list[str]) -> BatchAttempt | None:
+        """This run of a batch, counted in the run's BatchAttempts (None: not counted)."""
+        if self.crash_retries is None or not ids:
+            return None
+        ledger = batch_attempts()
+        return None if ledger is None else BatchAttempt.start(ledger, f"{self.name}:{'|'.join(ids)}")
+
     def _checked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        time.sleep(injected_delay(self.name, {row["id"] for row in rows}))
-        faulty = injected_faults(self.name) & {row["id"] for row in rows}
+        ids = {row["id"] for row in rows}
+        if injected_faults(self.name, CRASHES_ENV) & ids:
+            log.error("%s: injected crash on %s: exiting the process", self.name, sorted(ids))
+            os._exit(1)
+        time.sleep(injected_delay(self.name, ids))
+        faulty = injected_faults(self.name) & ids
         if faulty:
             raise InjectedFault(f"injected fault in {self.name} for {sorted(faulty)}")
         outputs = self.process(rows)

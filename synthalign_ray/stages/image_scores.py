@@ -50,7 +50,7 @@ class ImageScorer(RowStage):
 
         from synthalign_ray.models.image_reward import load_image_reward
 
-        super().__init__(cfg.pool.max_batch_retries)
+        super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
         self.device = cfg.pool.torch_device()
         dtype = getattr(torch, cfg.dtype)

@@ -77,7 +77,7 @@ class ImageGenerator(RowStage):
         import torch
         from diffusers import AutoPipelineForText2Image
 
-        super().__init__(cfg.pool.max_batch_retries)
+        super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
         self.device = cfg.pool.torch_device()
         self.pipe = AutoPipelineForText2Image.from_pretrained(

@@ -248,7 +248,7 @@ class ResponseScorer(RowStage):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        super().__init__(cfg.pool.max_batch_retries)
+        super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
         self.device = cfg.pool.torch_device()
         path = resolve_model_path(cfg.model)

@@ -130,3 +130,52 @@ def test_injected_delay_holds_back_only_batches_with_the_named_rows(monkeypatch)
     assert injected_delay("doubler", {"r0", "r1", "r2"}) == 0.5
     assert injected_delay("doubler", {"r0"}) == 0.0
     assert injected_delay("other", {"r0"}) == 9.0
+
+
+class Attempt:
+    """Stands in for a BatchAttempt: the number of this run of the batch, and whether it was finished."""
+
+    def __init__(self, number):
+        self.number, self.finished = number, False
+
+    def finish(self):
+        self.finished = True
+
+
+def test_a_batch_whose_replica_died_too_often_is_failed_without_running(monkeypatch):
+    stage = Doubler()
+    stage.crash_retries = 2
+    attempts = []
+
+    def start(ids):
+        attempts.append(Attempt(number=len(attempts) + 1))
+        return attempts[-1]
+
+    monkeypatch.setattr(stage, "_start_attempt", start)
+    # Runs 1-3: the first try and crash_retries reruns (a replica that died never finishes its run).
+    for _ in range(3):
+        assert stage(table(2)).column("doubled").to_pylist() == [0, 2]
+    assert stage.calls == 3 and all(a.finished for a in attempts)
+    out = stage(table(2)).to_pylist()  # run 4: the replicas died 3 times on it
+    assert stage.calls == 3 and not attempts[-1].finished
+    assert [r["status"] for r in out] == ["failed", "failed"] and [r["failed_stage"] for r in out] == ["doubler"] * 2
+    assert out[0]["error"].startswith("ReplicaDied: the doubler replica running this row's batch died 3 times")
+
+
+def test_batches_are_counted_only_in_model_stages_of_a_run(monkeypatch):
+    import synthalign_ray.stages.common as common
+
+    monkeypatch.setattr(common, "batch_attempts", lambda: None)  # outside `generate`: no BatchAttempts actor
+    stage = Doubler()
+    stage.crash_retries = 0
+    assert stage._start_attempt(["r0"]) is None
+    assert Doubler()._start_attempt(["r0"]) is None  # a task stage (crash_retries None) asks no actor
+
+
+def test_batch_attempts_forgets_finished_batches():
+    from synthalign_ray.stages.common import BatchAttempts
+
+    ledger = BatchAttempts()
+    assert [ledger.start("s:a"), ledger.start("s:a"), ledger.start("s:b")] == [1, 2, 1]
+    ledger.finish("s:a")
+    assert ledger.started == {"s:b": 1} and ledger.start("s:a") == 1

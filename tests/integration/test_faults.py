@@ -1,0 +1,126 @@
+"""Faults on a multi-node Ray cluster (`ray.cluster_utils.Cluster` on this machine), as spot GPUs meet them.
+
+- A node is lost mid-generation (its processes SIGKILLed, as a preempted spot VM) and the autoscaler's
+  replacement joins: the run goes on (Ray restarts the lost actor, retries its tasks, rebuilds lost
+  objects) and the output still holds every prompt exactly once.
+- A row kills its replica every time (SYNTHALIGN_INJECT_CRASHES, as an OOM kill would): Ray restarts the
+  replica and resubmits the batch; after `crash_retries` reruns the stage records the batch's rows failed
+  instead of running it again, and the rest of the run completes.
+
+A custom resource `diffusion_node` stands in for a GPU type, so the image stage runs on the worker node
+the test removes. The driver is `synthalign generate` in a subprocess joining the cluster, as under
+`ray job submit`.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+from tests.ray_head import ray_env, stop_head
+
+pytestmark = pytest.mark.slow
+PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
+# Blocks of 2 in file order: [art, school], [transport, weather], [daily, industrial].
+STUCK_ROW = "daily-0001"  # on the node to be lost, the image stage hangs on its block until the node goes
+CRASH_ROW = "transport-0001"  # its block kills the image scorer every time
+IMAGES_ON_DIFFUSION_NODE = "images.pool={min_actors: 1, max_actors: 1, num_cpus: 1, resources: {diffusion_node: 1}}"
+CRASH_RETRIES = 2
+
+
+@pytest.fixture(scope="module")
+def cluster(monkeypatch_module):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")  # a test cluster of this machine (tests/ray_head.py)
+    # Short path under /tmp: Ray's unix sockets live in it; every process of the cluster names it.
+    temp_dir = tempfile.mkdtemp(prefix="sa-ray-", dir="/tmp")
+    # On the machine's own IP: a driver given 127.0.0.1 connects to that IP instead, where a head bound to
+    # loopback only is not listening.
+    common = dict(temp_dir=temp_dir, include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=8, object_store_memory=400 * 2**20, **common))
+    try:
+        yield cluster, common
+    finally:
+        cluster.shutdown()
+        stop_head(temp_dir)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def generate(address: str, out: Path, *sets: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--output", str(out)]
+    for item in (f"resources.ray_address={address}", *sets):
+        command += ["--set", item]
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> tuple[dict, str]:
+    code = process.wait(timeout=timeout)
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert code == 0, log[-6000:]
+    return json.loads((out / "manifest.json").read_text()), log
+
+
+def rows(out: Path, folder: str) -> list[dict]:
+    return [row for shard in sorted((out / folder).glob("*.parquet")) for row in pq.read_table(shard, columns=["id", "status", "failed_stage", "error"]).to_pylist()]
+
+
+def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, tmp_path):
+    cluster, common = cluster
+    doomed = cluster.add_node(
+        num_cpus=1, resources={"diffusion_node": 1}, env_vars={"SYNTHALIGN_INJECT_DELAYS": f"images:{STUCK_ROW}=900"}, **common
+    )
+    out = tmp_path / "node-lost"
+    process = generate(cluster.address, out, IMAGES_ON_DIFFUSION_NODE)
+    deadline = time.time() + 400
+    while not list((out / "pairs").glob("*.parquet")) + list((out / "dropped").glob("*.parquet")):
+        assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before its first shard"
+        time.sleep(0.5)
+    committed_before = {row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)}
+    cluster.remove_node(doomed, allow_graceful=False)  # preempted: SIGKILL, no drain
+    cluster.add_node(num_cpus=1, resources={"diffusion_node": 1}, **common)  # the autoscaler's replacement
+
+    manifest, _ = finish(process, out)
+    written = [row["id"] for folder in ("pairs", "dropped", "failed") for row in rows(out, folder)]
+    assert sorted(written) == PROMPT_IDS  # each prompt once: nothing lost, nothing written twice
+    assert STUCK_ROW not in committed_before and committed_before  # the node went with work in flight
+    counts = manifest["counts"]
+    assert counts["pairs"] + counts["dropped"] + counts["failed"] == len(PROMPT_IDS)
+    # Ray re-ran the lost node's work elsewhere: no row had to be given up.
+    assert counts["failed"] == 0, rows(out, "failed")
+
+
+def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(cluster, tmp_path):
+    cluster, _ = cluster
+    out = tmp_path / "crashes"
+    process = generate(
+        cluster.address,
+        out,
+        f"resources.env.SYNTHALIGN_INJECT_CRASHES=image_scores:{CRASH_ROW}",
+        f"image_scores.pool.crash_retries={CRASH_RETRIES}",
+        "image_scores.pool.batch_size=2",  # a batch is a block: the rows failed together are the block's
+    )
+    manifest, log = finish(process, out)
+
+    failed = rows(out, "failed")
+    crash_block = {"transport-0001", "weather-0001"}
+    assert {row["id"] for row in failed} == crash_block
+    assert all(row["status"] == "failed" and row["failed_stage"] == "image_scores" for row in failed)
+    assert all(row["error"].startswith(f"ReplicaDied: the image_scores replica running this row's batch died {CRASH_RETRIES + 1} times") for row in failed)
+    others = [row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)]
+    assert sorted(others) == sorted(set(PROMPT_IDS) - crash_block)
+    assert manifest["counts"]["failed_by_stage"] == {"image_scores": 2}
+    # The first try and each rerun met a fresh replica and killed it.
+    assert log.count("injected crash on") == CRASH_RETRIES + 1, log[-6000:]
