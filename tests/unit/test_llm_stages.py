@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from synthalign_ray import selection, store
+from synthalign_ray import selection, store, zoo
 from synthalign_ray.engines.chat import ChatModelConfig, ChatRequest, openai_messages, sampling_seed, user_message
+from synthalign_ray.engines.vllm_engine import chat_prompt_token_ids
 from synthalign_ray.stages.instructions import InstructionsConfig, clean_instruction
 from synthalign_ray.stages.judge import JudgeConfig, numbered_answers, parse_judge_scores
 
@@ -60,6 +61,42 @@ def test_openai_messages_carry_the_image_as_a_png_data_url():
     assert openai_messages(ChatRequest([user_message("hi")])) == [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="no image"):
         openai_messages(ChatRequest([user_message("x", with_image=True)]))
+
+
+# A Mistral-style template that writes the BOS itself, on a SentencePiece-style tokenizer.
+BOS_FIRST_TEMPLATE = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
+
+
+@pytest.mark.parametrize(
+    "name, with_image, template, bos_in_template",
+    [
+        ("chat-llm", False, None, True),  # Llama-3: <|begin_of_text|> in the template
+        ("lvlm-llava", True, None, False),  # LLaVA-1.5 and -NeXT: no BOS in the template
+        ("lvlm-llava-next", True, None, False),
+        ("lvlm-llava", False, BOS_FIRST_TEMPLATE, True),
+    ],
+)
+def test_the_vllm_stage_sends_chat_prompts_with_one_bos(name, with_image, template, bos_in_template):
+    """The prompt ids vLLM generates from: the ids `chat_prompt_token_ids` gives, else vLLM's own encoding
+    of the rendered text (special tokens added). Exactly one BOS, and transformers' ids for the chat."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(zoo.build(name))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    messages = [user_message("describe the dog near the river", with_image=with_image)]
+    prompt = processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+
+    ids = chat_prompt_token_ids(prompt, tokenizer)
+    assert (ids is not None) == bos_in_template
+    engine_ids = ids if ids is not None else tokenizer.encode(prompt)
+    assert engine_ids[0] == tokenizer.bos_token_id != engine_ids[1], engine_ids[:4]
+    if bos_in_template:  # what transformers' apply_chat_template(tokenize=True) gives
+        reference = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        assert engine_ids == list(reference["input_ids"])
+    else:  # what LLaVA's processor gives (the prompt of transformers' generate)
+        assert engine_ids == tokenizer(prompt)["input_ids"]
 
 
 def test_llm_instruction_source_needs_a_model_and_known_fields():
