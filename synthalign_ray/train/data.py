@@ -77,7 +77,11 @@ def parquet_files(data: str) -> list[str]:
 
 
 def _as_uri(data: str, path: str) -> str:
-    return f"{data.split('://', 1)[0]}://{path}" if "://" in data else path
+    """A filesystem path under DATA as a URI of DATA's scheme, with DATA's query (endpoint_override=...)."""
+    if "://" not in data:
+        return path
+    _, separator, query = data.partition("?")
+    return f"{data.split('://', 1)[0]}://{path}{separator}{query}"
 
 
 def local_copies(files: list[str], cache_root: str | None = None) -> list[str]:

@@ -213,10 +213,8 @@ def train_worker(job: dict[str, Any]) -> None:
     from trl import DPOTrainer
 
     from synthalign_ray import zoo
-    from synthalign_ray.store import write_json
     from synthalign_ray.train import data
-    from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, step_records, write_log
-    from synthalign_ray.train.merge import copy_tree, merge_adapter
+    from synthalign_ray.train.log import step_records
 
     started = time.time()
     cfg = TrainConfig.model_validate(job["config"])
@@ -271,27 +269,36 @@ def train_worker(job: dict[str, Any]) -> None:
         if rank != 0:
             return
         processor.save_pretrained(final)
-        output = job["output"].rstrip("/")
-        records = step_records(trainer.state.log_history)
-        write_log(records, f"{output}/{LOG_FILE}")
-        if records:
-            plot_loss(records, f"{output}/{PLOT_FILE}", title=f"DPO {cfg.run.name}: {cfg.model}")
-        if cfg.finetune == "full":
-            copy_tree(final, f"{output}/{FULL_MODEL_DIR}")
-        else:
-            copy_tree(final, f"{output}/{ADAPTER_DIR}")
-            if cfg.merge:
-                dtype = "bfloat16" if cfg.use_bf16() else "float32"
-                merge_adapter(model_path, final, f"{output}/{MERGED_DIR}", dtype=dtype)
-        # Last: its presence (read by the driver) says this attempt wrote everything above.
-        write_json(
-            f"{output}/{WORKER_RESULT_FILE}",
-            {
-                "global_step": trainer.state.global_step,
-                "resumed_from_step": resumed_from_step,
-                "worker_started_unix": started,
-                "step_end_unix": clock.step_end_unix,
-            },
-        )
+        worker_result = {
+            "global_step": trainer.state.global_step,
+            "resumed_from_step": resumed_from_step,
+            "worker_started_unix": started,
+            "step_end_unix": clock.step_end_unix,
+        }
+        write_outputs(job["output"], cfg, step_records(trainer.state.log_history), final, model_path, worker_result)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def write_outputs(
+    output: str, cfg: TrainConfig, records: list[dict[str, Any]], final: str, model_path: str, worker_result: dict[str, Any]
+) -> None:
+    """Rank 0's files in OUTPUT (a local folder or URI) at the end of a run: the training log and loss
+    plot, the adapter (or the full model) from the local folder FINAL, the merged model, and last the
+    worker result, whose presence (read by the driver) says this attempt wrote everything else. Paths are
+    joined with `store.join`, so a URI's query (s3://bucket/run?endpoint_override=...) stays at the end."""
+    from synthalign_ray.store import join, write_json
+    from synthalign_ray.train.log import LOG_FILE, PLOT_FILE, plot_loss, write_log
+    from synthalign_ray.train.merge import copy_tree, merge_adapter
+
+    write_log(records, join(output, LOG_FILE))
+    if records:
+        plot_loss(records, join(output, PLOT_FILE), title=f"DPO {cfg.run.name}: {cfg.model}")
+    if cfg.finetune == "full":
+        copy_tree(final, join(output, FULL_MODEL_DIR))
+    else:
+        copy_tree(final, join(output, ADAPTER_DIR))
+        if cfg.merge:
+            dtype = "bfloat16" if cfg.use_bf16() else "float32"
+            merge_adapter(model_path, final, join(output, MERGED_DIR), dtype=dtype)
+    write_json(join(output, WORKER_RESULT_FILE), worker_result)

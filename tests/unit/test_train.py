@@ -15,7 +15,15 @@ from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train import log as train_log
 from synthalign_ray.train.config import TrainConfig, load_train_config
-from synthalign_ray.train.dpo import LoraTargetError, deepspeed_config, is_vision_module
+from synthalign_ray.train.dpo import (
+    ADAPTER_DIR,
+    FULL_MODEL_DIR,
+    WORKER_RESULT_FILE,
+    LoraTargetError,
+    deepspeed_config,
+    is_vision_module,
+    write_outputs,
+)
 from synthalign_ray.train.trainer import TrainRunError, _claim_output, check_lora_on_meta
 from tests.conftest import REPO
 from tests.integration.test_trl_dpo_accepts_pairs import synthetic_rows
@@ -219,12 +227,34 @@ def test_an_output_with_another_config_is_refused(tmp_path):
     _claim_output(cfg, "runs/b", str(tmp_path), overwrite=True)
 
 
-def test_uri_data_is_copied_to_a_node_local_cache(tmp_path, processor, monkeypatch):
+# A URI's query (s3://bucket/run?endpoint_override=...) belongs at the end of every path under it. pyarrow
+# parses the file:// form the same way (the query is ignored there), so the tests write for real.
+QUERY = "?endpoint_override=http://127.0.0.1:5000&scheme=http"
+
+
+@pytest.mark.parametrize("query", ["", QUERY])
+def test_uri_data_is_copied_to_a_node_local_cache(tmp_path, processor, monkeypatch, query):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the cache lives under ~/.cache/synthalign
     run = _write(tmp_path / "run", _pairs_table(2))
-    files = train_data.parquet_files(f"file://{run}")
-    assert files == [f"file://{run}/pairs/part-0.parquet"]
+    files = train_data.parquet_files(f"file://{run}{query}")
+    assert files == [f"file://{run}/pairs/part-0.parquet{query}"]
     (local,) = train_data.local_copies(files)
     assert local.startswith(str(tmp_path / "home" / ".cache" / "synthalign" / "train-data"))
-    report = train_data.check_pairs(f"file://{run}", processor, "m", 512, "skip")
+    report = train_data.check_pairs(f"file://{run}{query}", processor, "m", 512, "skip")
     assert report.rows == 2 and len(train_data.load_pairs(report.files, report.image_column)) == 2
+
+
+@pytest.mark.parametrize("finetune, model_dir", [("lora", ADAPTER_DIR), ("full", FULL_MODEL_DIR)])
+def test_rank0_writes_its_outputs_under_a_uri_with_a_query(tmp_path, finetune, model_dir):
+    final = tmp_path / "final"  # what the trainer saved locally
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    records = [{"step": 1, "loss": math.log(2)}, {"step": 2, "loss": 0.6}]
+    cfg = load_train_config(TINY, [f"finetune={finetune}", "merge=false"])
+    out = tmp_path / "run"
+    write_outputs(f"file://{out}{QUERY}", cfg, records, str(final), "unused", {"global_step": 2})
+
+    assert sorted(p.name for p in out.iterdir()) == sorted([train_log.LOG_FILE, train_log.PLOT_FILE, model_dir, WORKER_RESULT_FILE])
+    assert train_log.read_log(str(out / train_log.LOG_FILE)) == records
+    assert (out / model_dir / "config.json").read_text() == "{}"
+    assert store.read_json(str(out / WORKER_RESULT_FILE)) == {"global_step": 2}
