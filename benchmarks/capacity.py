@@ -15,6 +15,8 @@
     `--memory-block` rows, a time scale that makes the model stages negligible): the driver's peak RSS
     (getrusage in the subprocess, as benchmarks/pipeline.py (b) measures it) and the object store's peak
     bytes in use (Ray's memory stats, polled every 0.5 s). Growth from 10K to 1M rows (target < 20%).
+    The real model-free stages move ~400-500 rows/s on this machine's 2 cores, so 1M rows take about 40
+    minutes here; `--memory-rows 10000 100000` is the short version.
 (c) Cost. GPU-hours and spot / on-demand cost per 10K pairs from the profile: ideal (every GPU busy all
     the time: sum over stages of GPUs / rows/s), the plan at each GPU count (GPUs of the plan x time at
     its bound: replicas of faster stages idle part of the time), and as simulated in (a).

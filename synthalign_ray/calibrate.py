@@ -21,7 +21,7 @@ from pathlib import Path
 
 from synthalign_ray import store
 from synthalign_ray.config import SynthAlignConfig
-from synthalign_ray.plan import GpuPrice, Profile, ProfileSource, StageProfile, gpu_pools, write_profile
+from synthalign_ray.plan import GpuPrice, PlanError, Profile, ProfileSource, StageProfile, gpu_pools, write_profile
 from synthalign_ray.progress import stage_stats
 
 
@@ -122,6 +122,8 @@ def profile_from_rates(cfg: SynthAlignConfig, rates: list[StageRate], *, gpu: st
     stages = []
     for ref in gpu_pools(cfg):
         rate = by_name[ref.name]
+        if rate.rows_per_s <= 0:
+            raise PlanError(f"stage {ref.name!r} moved no rows in calibration ({rate.operator}); give it more prompts")
         gpus = ref.pool.num_gpus
         if gpus is None:  # a vLLM pool's default: one GPU per tensor-parallel worker when there are GPUs
             gpus = float(ref.pool.tensor_parallel_size) if on_gpu else 0.0
