@@ -153,11 +153,11 @@ def build_engine_processor(
         engine_kwargs=engine,
         batch_size=pool.batch_size,
         concurrency=(pool.min_actors, pool.max_actors),
+        accelerator_type=pool.accelerator_type,
         runtime_env={**(runtime_env or {}), "env_vars": env},
         placement_group_config=placement_group_config,
         should_continue_on_error=continue_on_error,
         # True needs ray[serve] and a metrics port; batch jobs read Ray Data's own stats instead.
-        accelerator_type=pool.accelerator_type,
         log_engine_metrics=False,
         prepare_multimodal_stage=False,
         chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
