@@ -42,6 +42,8 @@ RESERVED = {
     SAMPLES,
     "prompt",
     "tokenized_prompt",
+    "prompt_token_ids",
+    "num_input_tokens",
     "generated_text",
     "generated_tokens",
     "num_generated_tokens",
