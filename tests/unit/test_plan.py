@@ -217,12 +217,12 @@ def test_measured_profile_from_stage_rates():
     cfg = single_replica(load_config(TINY, ["images.pool.max_actors=3"]))
     assert all(ref.pool.min_actors == ref.pool.max_actors == 1 for ref in gpu_pools(cfg))
     rates = [
-        Measured("images", 12, "MapBatches(ImageGenerator)", 0.5),
-        Measured("image_scores", 12, "MapBatches(ImageScorer)", 3.0),
+        Measured("images", 12, "MapBatches(ImageGenerator)", 0.5, "MapBatches(ImageGenerator)", 0.5),
+        Measured("image_scores", 12, "MapBatches(ImageScorer)", 3.0, "MapBatches(ImageScorer)", 3.0),
         Measured("selection + instructions", 12, "MapBatches(ImageSelector)", 100.0),
-        Measured("responses[llava-1.5]", 12, "Map(finish_row)", 1.0),
-        Measured("responses[llava-next]", 12, "Map(finish_row)", 2.0),
-        Measured("response_scores", 12, "MapBatches(ResponseScorer)", 4.0),
+        Measured("responses[llava-1.5]", 12, "Map(finish_row)", 400.0, "vLLMEngineStage", 1.0),
+        Measured("responses[llava-next]", 12, "Map(finish_row)", 700.0, "vLLMEngineStage", 2.0),
+        Measured("response_scores", 12, "MapBatches(ResponseScorer)", 4.0, "MapBatches(ResponseScorer)", 4.0),
         Measured("pairs + write", 12, "Write", 50.0),
     ]
     assert [profile_name(r.stage) for r in rates] == [
@@ -233,6 +233,6 @@ def test_measured_profile_from_stage_rates():
     by_name = {s.name: s for s in profile.stages}
     assert list(by_name) == ["images", "image_scores", "llava-1.5", "llava-next", "response_scores"]  # file instructions: no pool
     assert by_name["images"].seconds_per_batch == pytest.approx(cfg.images.pool.batch_size / 0.5)
-    assert by_name["llava-next"].rows_per_s == pytest.approx(2.0)
+    assert by_name["llava-next"].rows_per_s == pytest.approx(2.0)  # the engine's rate, not the map after it
     assert all(s.num_gpus == 1 for s in profile.stages)  # CPU replicas: one device each
     assert make_plan(load_config(TINY), profile, 8).replicas["images"] >= 2  # the measured profile plans
