@@ -49,6 +49,29 @@ if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# lmms-eval for the bridge test (tests/integration/test_lmms_eval_bridge.py, which skips without it), in a
+# virtualenv of its own, $venv/lmms-eval: it pins its own torch and transformers. --test only; checked
+# on every --test run (before the up-to-date stamp); about 2 minutes and 2.4 GB once. On CPU its torch
+# is the CPU build, as in $venv, and the CUDA torchvision it pulls is removed (it cannot load beside CPU
+# torch; lmms-eval's `openai` model does not use it). A failed install is reported, not fatal.
+lmms_version=0.7.3
+lmms_venv="$venv/lmms-eval"
+if [ -n "$extras" ] && [ "$(cat "$lmms_venv/.synthalign-lmms-eval" 2>/dev/null)" != "$lmms_version $device" ]; then
+  lmms_start=$SECONDS
+  lmms_pip=("$lmms_venv/bin/python" -m pip --disable-pip-version-check)
+  lmms_torch=(); [ "$device" = cpu ] && lmms_torch=("torch==2.13.0")
+  rm -rf "$lmms_venv"
+  if "$venv/bin/python" -m venv "$lmms_venv" \
+    && "${lmms_pip[@]}" install "lmms-eval==$lmms_version" "${lmms_torch[@]}" >"$lmms_venv/install.log" 2>&1 \
+    && { [ "$device" = gpu ] || "${lmms_pip[@]}" uninstall -y torchvision >>"$lmms_venv/install.log" 2>&1; } \
+    && "$lmms_venv/bin/python" -c "import lmms_eval.evaluator, lmms_eval.models.chat.openai" >>"$lmms_venv/install.log" 2>&1; then
+    echo "$lmms_version $device" > "$lmms_venv/.synthalign-lmms-eval"
+    echo "install.sh: lmms-eval $lmms_version installed into $lmms_venv in $((SECONDS - lmms_start))s (bridge test)"
+  else
+    echo "install.sh: lmms-eval $lmms_version could not be installed into $lmms_venv (see $lmms_venv/install.log); the lmms-eval bridge test will be skipped" >&2
+  fi
+fi
+
 stamp="$venv/.synthalign-install"
 want="$device$extras $(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
