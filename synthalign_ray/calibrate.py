@@ -7,7 +7,7 @@ before it produced (benchmarks/pipeline.py uses it too, to compare the pipeline 
 A stage's rate is its last Ray Data operator's (rows out / first task start to last task end), so model
 loading and engine start-up are not in it. `calibrate` runs them with ONE replica per model pool on K
 generated prompts, and writes each GPU stage's seconds per batch = batch_size / (rows/s of its one
-replica: its slowest operator's rate, e.g. the vLLM engine's) into a profile (`plan.Profile`, source: measured). Calibrate on the GPU type you will plan for,
+replica: the rate of its operator with the most task time, e.g. the vLLM engine) into a profile (`plan.Profile`, source: measured). Calibrate on the GPU type you will plan for,
 with the batch sizes you will run; on a machine without GPUs, replicas run on the CPU and the profile
 says so (num_gpus 1 stands for the replica's one device).
 """
@@ -31,10 +31,11 @@ class StageRate:
     rows: int
     operator: str  # the stage's last Ray Data operator, whose rate is the stage's
     rows_per_s: float
-    # The stage's slowest operator (a model stage's own pool: the vLLM engine, not the light map after
-    # it, which may see its rows arrive all at once) and its rate: what one replica does.
-    slowest_operator: str = ""
-    slowest_rows_per_s: float = 0.0
+    # The stage's model operator, the one with the most task time (the vLLM engine, not the light maps
+    # around it, which may see their rows arrive at once or be held back by it), and its rate: what one
+    # replica does.
+    model_operator: str = ""
+    model_rows_per_s: float = 0.0
 
 
 def profile_name(stage: str) -> str | None:
@@ -77,8 +78,8 @@ def stages_alone(cfg: SynthAlignConfig, prompts, sink_output: str) -> list[Stage
             dataset.write_datasink(sink)
         operators = [s for s in stage_stats(dataset.get_stats_summary()) if s.rows_in is not None]  # not the source
         last = operators[-1]
-        slowest = min(operators, key=lambda s: s.rows_per_s if s.rows_out else float("inf"))
-        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s, slowest.stage, slowest.rows_per_s))
+        model = max(operators, key=lambda s: s.busy_s)
+        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s, model.stage, model.rows_per_s))
         print(f"  alone: {name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
         return None if sink is not None else dataset.to_arrow_refs()
 
@@ -128,25 +129,25 @@ def profile_from_rates(cfg: SynthAlignConfig, rates: list[StageRate], *, gpu: st
     stages = []
     for ref in gpu_pools(cfg):
         rate = by_name[ref.name]
-        if rate.slowest_rows_per_s <= 0:
-            raise PlanError(f"stage {ref.name!r} moved no rows in calibration ({rate.slowest_operator}); give it more prompts")
+        if rate.model_rows_per_s <= 0:
+            raise PlanError(f"stage {ref.name!r} moved no rows in calibration ({rate.model_operator}); give it more prompts")
         gpus = ref.pool.num_gpus
         if gpus is None:  # a vLLM pool's default: one GPU per tensor-parallel worker when there are GPUs
             gpus = float(ref.pool.tensor_parallel_size) if on_gpu else 0.0
         stages.append(
             StageProfile(
                 name=ref.name,
-                seconds_per_batch=round(ref.pool.batch_size / rate.slowest_rows_per_s, 4),
+                seconds_per_batch=round(ref.pool.batch_size / rate.model_rows_per_s, 4),
                 batch_size=ref.pool.batch_size,
                 num_gpus=gpus if gpus > 0 else 1,
-                note=f"{rate.rows} rows, {rate.slowest_rows_per_s:.4f} rows/s ({rate.slowest_operator})"
+                note=f"{rate.rows} rows, {rate.model_rows_per_s:.4f} rows/s ({rate.model_operator})"
                 + ("" if gpus > 0 else "; ran on the CPU"),
             )
         )
     device = "GPU" if on_gpu else "CPU (no GPU: num_gpus 1 stands for the replica's one device)"
     how = (
         f"synthalign calibrate on {prompts} prompts, {platform.node()}: each stage alone with one replica on {device}; "
-        "seconds_per_batch = batch_size / (rows out / first task start to last task end of its slowest operator)"
+        "seconds_per_batch = batch_size / (rows out / first task start to last task end of its model operator, the one with the most task time)"
     )
     return Profile(gpu=gpu, gpu_hour_usd=price, source=ProfileSource(kind="measured", how=how), stages=stages)
 
