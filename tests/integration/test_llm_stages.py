@@ -6,12 +6,6 @@ Random tiny models write noise: the checks are plumbing, schema, seeds, accounti
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,50 +16,20 @@ from synthalign_ray.config import load_config
 from synthalign_ray.stages.prompts import PromptsConfig, read_prompts
 from synthalign_ray.stages.topic_prompts import TopicPromptsConfig, write_topic_prompts
 from tests.conftest import REPO
+from tests.ray_head import free_port
+from tests.vllm_server import vllm_server
 
 pytestmark = pytest.mark.slow
 SECRET = "sk-synthalign-test-0123456789"
 KEY_ENV = "SYNTHALIGN_TEST_ENDPOINT_KEY"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     """`vllm serve` of the zoo's tiny chat LM on 127.0.0.1, requiring SECRET as its API key."""
-    path = zoo.resolve("zoo:chat-llm")
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name",
-             "tiny-chat", "--host", "127.0.0.1", "--port", str(port), "--api-key", SECRET, "--enforce-eager",
-             "--max-model-len", "512"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}") from None
-                time.sleep(1)
-        yield f"{url}/v1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with vllm_server(zoo.resolve("zoo:chat-llm"), "tiny-chat", SECRET, log) as url:
+        yield url
 
 
 @pytest.fixture

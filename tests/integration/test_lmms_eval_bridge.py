@@ -25,7 +25,7 @@ from synthalign_ray.evaluate.fixture import write_pope_fixture
 from synthalign_ray.evaluate.lmms_eval import sample_answer, write_pope_task
 from synthalign_ray.evaluate.metrics import pope_answer
 from synthalign_ray.evaluate.pope import LLAVA_POPE_SUFFIX, POPE_SPLITS
-from tests.integration.test_llm_stages import free_port
+from tests.vllm_server import vllm_server
 
 SECRET = "sk-synthalign-lmms-0123456789"
 SERVED = "tiny-llava"
@@ -47,32 +47,8 @@ pytestmark = [
 def llava_server(tmp_path_factory):
     """`vllm serve` of zoo:lvlm-llava on 127.0.0.1 with an API key; yields (base_url, model folder)."""
     model = zoo.resolve("zoo:lvlm-llava")
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", SERVED,
-             "--host", "127.0.0.1", "--port", str(port), "--api-key", SECRET, "--enforce-eager", "--max-model-len", "512"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}") from None
-                time.sleep(1)
-        yield f"{url}/v1", Path(model)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with vllm_server(model, SERVED, SECRET, tmp_path_factory.mktemp("serve") / "vllm-serve.log") as url:
+        yield url, Path(model)
 
 
 def text_only_prompt_tokens(base_url: str, text: str) -> int:
