@@ -87,6 +87,8 @@ def batch_attempts():
     """The run's BatchAttempts actor, or None outside `generate` (a stage run on its own)."""
     import ray
 
+    if not ray.is_initialized():  # a stage called in-process; ray.get_actor would start a Ray
+        return None
     try:
         return ray.get_actor(BATCH_ATTEMPTS_ACTOR)
     except ValueError:

@@ -50,7 +50,14 @@ def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> su
         RAY, "job", "submit", "--address", address, "--working-dir", ".",
         "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, *entrypoint,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+    # A fresh head's job server answers before its dashboard agent has registered, and then refuses jobs
+    # with "No available agent to submit job, please try again later": as it says, try again.
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in result.stdout + result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(3)
 
 
 def ids_in(output: str, folder: str) -> list[str]:

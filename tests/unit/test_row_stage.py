@@ -179,3 +179,15 @@ def test_batch_attempts_forgets_finished_batches():
     assert [ledger.start("s:a"), ledger.start("s:a"), ledger.start("s:b")] == [1, 2, 1]
     ledger.finish("s:a")
     assert ledger.started == {"s:b": 1} and ledger.start("s:a") == 1
+
+
+def test_a_stage_called_in_process_does_not_start_ray():
+    import ray
+
+    from synthalign_ray.stages.common import batch_attempts
+
+    assert not ray.is_initialized()
+    stage = Doubler()
+    stage.crash_retries = 2  # as a model stage: it looks for the run's BatchAttempts actor
+    assert batch_attempts() is None and stage(table(2)).column("doubled").to_pylist() == [0, 2]
+    assert not ray.is_initialized()  # ray.get_actor would have started one (and left it running)
