@@ -42,21 +42,21 @@ def config_validate(
 ):
     """Validate a config (fields, model references, prompt file) without starting anything."""
     from synthalign_ray.stages.instructions import missing_instructions
-    from synthalign_ray.stages.prompts import InputFileError, read_prompts
+    from synthalign_ray.stages.prompts import InputFileError, check_prompts, valid_ids
 
     cfg = _load(config, overrides)
     try:
-        rows, bad = read_prompts(cfg.prompts, cfg.seed)
-        missing = missing_instructions(cfg.instructions, [row["id"] for row in rows])
+        check = check_prompts(cfg.prompts)
+        missing = missing_instructions(cfg.instructions, valid_ids(cfg.prompts, check))
     except InputFileError as e:
         _fail(str(e))
     if missing:
         typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
-    for b in bad:
+    for b in check.bad:
         typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
     if show:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    typer.echo(f"{config}: ok ({len(rows)} prompts, {len(bad)} skipped)")
+    typer.echo(f"{config}: ok ({check.rows} prompts, {len(check.bad)} skipped)")
 
 
 @zoo_app.command("build")

@@ -30,7 +30,7 @@ from pyarrow import fs as pafs
 from synthalign_ray import store
 from synthalign_ray.stages.common import STATUS_OK
 from synthalign_ray.stages.pairs import PAIR_FIELDS, trl_columns
-from synthalign_ray.stages.prompts import prompts_table
+from synthalign_ray.stages.prompts import INPUT_SCHEMA
 
 IMAGES_SUBDIR = "images"
 DEFAULT_JSON_NAME = "llava_pairs.json"
@@ -43,7 +43,7 @@ _MAX_REPORTED = 20
 # The rows import_llava produces: the prompt table's columns, the image, the instruction, the pair.
 IMPORT_SCHEMA = pa.schema(
     [
-        *prompts_table([]).schema,
+        *INPUT_SCHEMA,
         pa.field("image", store.IMAGE_TYPE),
         pa.field("image_index", pa.int32()),
         pa.field("instruction", pa.string()),

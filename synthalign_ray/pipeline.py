@@ -18,6 +18,7 @@ with a check that no id occurs twice and that input = pairs + dropped + failed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,13 +31,14 @@ from synthalign_ray import progress, store, zoo
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, submitted_job_env_vars
+from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, start_batch_attempts
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
 from synthalign_ray.stages.instructions import add_instructions, missing_instructions
 from synthalign_ray.stages.judge import add_judge_scores
 from synthalign_ray.stages.pairs import PairBuilder
-from synthalign_ray.stages.prompts import prompts_table, read_prompts
+from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck, check_prompts, prompt_rows, valid_ids, with_status_columns
 from synthalign_ray.stages.response_scores import ResponseScorer
 from synthalign_ray.stages.responses import add_responses
 
@@ -83,9 +85,19 @@ def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
             zoo.resolve(ref)
 
 
-def build_dataset(cfg: SynthAlignConfig, prompts):
-    """The pipeline over `prompts` (the prompts table), split into blocks of `rows_per_block` rows."""
+def prompt_blocks(prompts_uri: str):
+    """The pipeline's input: the run's prompts file (`store.write_row_groups`), one block per row group,
+    each read when the stream is ready for it."""
     import ray
+
+    source = store.RowGroupDatasource(prompts_uri)
+    # As many blocks as row groups: with fewer read tasks than its default parallelism, Ray Data would
+    # split each block (SplitBlocks) and the blocks would no longer be `rows_per_block` rows.
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.groups)), num_cpus=LIGHT_STAGE_CPUS)
+
+
+def build_dataset(cfg: SynthAlignConfig, prompts_uri: str):
+    """The pipeline over the run's prompts file (`prompt_blocks`)."""
 
     def pure(stage):
         # Model-free stages run as Ray tasks on whole blocks (batch_size=None): a batch size would make
@@ -95,9 +107,7 @@ def build_dataset(cfg: SynthAlignConfig, prompts):
         # the last seconds of the run, so a late kill lost nearly all of its work.
         return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
 
-    step = cfg.resources.rows_per_block
-    ds = ray.data.from_arrow([prompts.slice(start, step) for start in range(0, prompts.num_rows, step)])
-    ds = ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
+    ds = prompt_blocks(prompts_uri).map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
     ds = ds.map_batches(
         ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
     )
@@ -196,10 +206,10 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
 
     started = time.time()
     check_chat_environment(cfg.chat_models())
-    rows, bad_rows = read_prompts(cfg.prompts, cfg.seed)
-    for bad in bad_rows:
+    check = check_prompts(cfg.prompts)
+    for bad in check.bad:
         log.warning("%s: skipped %s", cfg.prompts.path, bad)
-    missing = missing_instructions(cfg.instructions, [row["id"] for row in rows])
+    missing = missing_instructions(cfg.instructions, valid_ids(cfg.prompts, check))
     if missing and cfg.instructions.on_missing == "fail":
         raise ConfigError(
             f"{cfg.instructions.path}: no instruction for {len(missing)} prompt id(s), e.g. {missing[:10]} "
@@ -208,11 +218,11 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     check_same_config(cfg, output, overwrite)
     done = store.committed_ids(output)
     retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
-    todo = [row for row in rows if row["id"] not in done]
-    if done:
-        log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), len(todo), retried)
-    prompts = prompts_table(todo)
-    store.write_table(store.join(output, store.PROMPTS_FILE), prompts)
+    prompts_uri = store.join(output, store.PROMPTS_FILE)
+    todo_rows = (table.filter(~done.contains(digests(table["id"].to_pylist()))) for table in prompt_rows(cfg.prompts, cfg.seed, check))
+    todo = store.write_row_groups(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
+    if len(done):
+        log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
     # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
     manifest = {
         "config": cfg.model_dump(mode="json"),
@@ -220,7 +230,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
         "config_source": config_source,
         "models": model_refs(cfg),
         "versions": store.package_versions(),
-        "rejected_inputs": [{"line": b.line, "reason": b.reason} for b in bad_rows],
+        "rejected_inputs": [{"line": b.line, "reason": b.reason} for b in check.bad],
         "outputs": {**{status: folder for status, folder in store.FOLDERS.items()}, "prompts": store.PROMPTS_FILE},
     }
     store.write_json(store.join(output, store.MANIFEST), {**manifest, "complete": False})
@@ -234,12 +244,14 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
         # the whole run; its rows are recorded failed below.
         ray.data.DataContext.get_current().max_errored_blocks = cfg.resources.max_lost_blocks
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
-        dataset = build(cfg, prompts)
+        dataset = build(cfg, prompts_uri)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
         execution = progress.run_stats(dataset)
         ray.kill(attempts)
-        record_lost_rows(output, prompts)
-    counts = accounting(output, rows, bad_rows, this_run=sink.counts)
+    outcomes = store.output_counts(output)
+    if todo and record_lost_rows(output, prompts_uri, outcomes.written):
+        outcomes = store.output_counts(output)
+    counts = accounting(output, check, outcomes, this_run=sink.counts, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
         counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
     )
@@ -258,47 +270,49 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
 
 
-def lost_rows(prompts, written: set[str]):
-    """The rows of `prompts` (the pipeline's input table) with no shard in the output, as failed rows."""
+def lost_rows(prompts, written: IdSet):
+    """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    lost = prompts.filter(pc.invert(pc.is_in(prompts.column("id"), value_set=pa.array(sorted(written), pa.string()))))
+    lost = prompts.filter(~written.contains(digests(prompts["id"].to_pylist())))
     n = lost.num_rows
     for name, value in (("status", STATUS_FAILED), ("failed_stage", LOST_STAGE), ("error", LOST_ERROR)):
         lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array([value] * n, pa.string()))
     return lost
 
 
-def record_lost_rows(output: str, prompts) -> int:
+def record_lost_rows(output: str, prompts_uri: str, written: IdSet) -> int:
     """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
-    _, written, _ = store.output_counts(output)
-    lost = lost_rows(prompts, written)
-    if lost.num_rows:
-        log.warning("%d rows were lost with their blocks and are recorded failed, e.g. %s", lost.num_rows, lost.column("id")[:5].to_pylist())
-        store.write_table(store.join(output, store.FOLDERS[STATUS_FAILED], store.shard_name(lost)), store.with_hf_features(lost))
-    return lost.num_rows
+    total = 0
+    for block in store.row_groups(prompts_uri):
+        lost = lost_rows(block, written)
+        if lost.num_rows:
+            log.warning("%d rows were lost with their block and are recorded failed, e.g. %s", lost.num_rows, lost["id"][:5].to_pylist())
+            store.write_table(store.join(output, store.FOLDERS[STATUS_FAILED], store.shard_name(lost)), store.with_hf_features(lost))
+            total += lost.num_rows
+    return total
 
 
-def accounting(output: str, rows: list[dict], bad_rows: list, this_run: dict) -> dict[str, Any]:
-    """Counts over the whole output (all runs of it), checked: every input id there exactly once."""
-    totals, written, duplicates = store.output_counts(output)
-    if duplicates:
-        raise AccountingError(f"{output}: ids written more than once: {sorted(set(duplicates))[:10]}")
-    missing = {row["id"] for row in rows} - written
+def accounting(output: str, check: PromptCheck, outcomes: store.Outcomes, this_run: dict, input_ids: Iterable[str]) -> dict[str, Any]:
+    """Counts over the whole output (all runs of it), checked: every valid input id (`check.ids`) there
+    exactly once. `input_ids` (lazy: read only to name rows with no outcome) are those ids."""
+    if outcomes.duplicates:
+        raise AccountingError(f"{output}: ids written more than once: {outcomes.duplicates[:10]}")
+    missing = outcomes.written.missing(check.ids)
     if missing:
-        raise AccountingError(f"{output}: {len(missing)} input rows have no outcome, e.g. {sorted(missing)[:10]}")
-    status = totals["status"]
+        examples = (i for i in input_ids if not outcomes.written.contains(digests([i]))[0])
+        raise AccountingError(f"{output}: {missing} input rows have no outcome, e.g. {list(itertools.islice(examples, 10))}")
+    status = outcomes.counts["status"]
     return {
-        "input_rows": len(rows) + len(bad_rows),
-        "rejected_input_rows": len(bad_rows),
-        "rows": len(rows),
+        "input_rows": check.rows + len(check.bad),
+        "rejected_input_rows": len(check.bad),
+        "rows": check.rows,
         "pairs": status.get(STATUS_OK, 0),
         "dropped": status.get(STATUS_DROPPED, 0),
         "failed": status.get(STATUS_FAILED, 0),
-        "dropped_by_reason": totals["drop_reason"],
-        "failed_by_stage": totals["failed_stage"],
+        "dropped_by_reason": outcomes.counts["drop_reason"],
+        "failed_by_stage": outcomes.counts["failed_stage"],
         # Rows of earlier runs of this output whose prompts are not in this input (e.g. a lower limit).
-        "outside_input": len(written) - len(rows),
+        "outside_input": len(outcomes.written) - check.rows,
         "processed_this_run": sum(this_run["status"].values()),
     }

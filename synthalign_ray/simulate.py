@@ -224,12 +224,12 @@ def simulated_pools(cfg: SynthAlignConfig, profile: Profile, replicas: dict[str,
     return pools
 
 
-def build_simulated_dataset(cfg: SynthAlignConfig, prompts, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
+def build_simulated_dataset(cfg: SynthAlignConfig, prompts_uri: str, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
     """`pipeline.build_dataset`'s graph with every model stage a simulated pool (same order, same
     model-free stages, same blocks)."""
-    import ray
     from ray.data import ActorPoolStrategy
 
+    from synthalign_ray.pipeline import prompt_blocks
     from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageSelector
     from synthalign_ray.stages.instructions import add_instructions
     from synthalign_ray.stages.pairs import PairBuilder
@@ -257,9 +257,7 @@ def build_simulated_dataset(cfg: SynthAlignConfig, prompts, *, pools: list[Simul
     def pure(stage):  # as pipeline.build_dataset runs its model-free stages
         return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
 
-    step = cfg.resources.rows_per_block
-    ds = ray.data.from_arrow([prompts.slice(start, step) for start in range(0, prompts.num_rows, step)])
-    ds = simulated(simulated(ds, "images"), "image_scores")
+    ds = simulated(simulated(prompt_blocks(prompts_uri), "images"), "image_scores")
     ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
     ds = simulated(ds, "instructions") if "instructions" in by_stage else add_instructions(ds, cfg.instructions, run_seed=cfg.seed)
     for model in cfg.responses.models:

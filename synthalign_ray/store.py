@@ -14,6 +14,9 @@ import hashlib
 import io
 import json
 import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -21,7 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from ray.data import Datasink
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
+from synthalign_ray.ids import IdCollector, IdSet, contains, digests
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
 # The Hugging Face `datasets` Image feature's storage: `load_dataset("parquet")` decodes it to PIL.
@@ -190,6 +196,77 @@ def write_table(uri: str, table: pa.Table) -> None:
     fs.move(tmp, path)
 
 
+def write_row_groups(uri: str, tables: Iterable[pa.Table], schema: pa.Schema, rows_per_group: int) -> int:
+    """Streams `tables` into one Parquet file (moved into place when whole) in row groups of exactly
+    `rows_per_group` rows, the last one fewer; the number of rows written."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    rows = 0
+    with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
+        for group in rebatch(tables, rows_per_group):
+            writer.write_table(group, row_group_size=rows_per_group)
+            rows += group.num_rows
+    fs.move(tmp, path)
+    return rows
+
+
+def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of `tables`, in order, as tables of exactly `rows` rows (the last one fewer)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= rows:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, rows)
+            pending, held = [whole.slice(rows)], held - rows
+    if held:
+        yield pa.concat_tables(pending)
+
+
+def row_groups(uri: str) -> Iterator[pa.Table]:
+    """The row groups of a Parquet file, one table each."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as stream:
+        file = pq.ParquetFile(stream)
+        for i in range(file.num_row_groups):
+            yield file.read_row_group(i)
+
+
+class RowGroupDatasource(Datasource):
+    """One Parquet file as a Ray Data source of one block per row group, read when the stream wants it.
+
+    The pipeline's input: `write_row_groups` makes its row groups `rows_per_block` rows, so the blocks
+    are those the config asks for (`read_parquet` sizes blocks by bytes), and no block is in the object
+    store before its read task runs (`from_arrow` would put the whole input there at the start)."""
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri = uri
+        fs, path = filesystem(uri)
+        with fs.open_input_file(path) as stream:
+            file = pq.ParquetFile(stream)
+            self.schema = file.schema_arrow
+            self.groups = [(file.metadata.row_group(i).num_rows, file.metadata.row_group(i).total_byte_size) for i in range(file.num_row_groups)]
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, size in self.groups)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(partial(read_row_group, self.uri, i), BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None), self.schema)
+            for i, (rows, size) in enumerate(self.groups)
+        ]
+
+
+def read_row_group(uri: str, index: int) -> list[pa.Table]:
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as stream:
+        return [pq.ParquetFile(stream).read_row_group(index)]
+
+
 def read_table(uri: str) -> pa.Table:
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs)
@@ -202,32 +279,41 @@ def list_shards(uri: str) -> list[str]:
     return sorted(info.path for info in fs.get_file_info(selector) if info.path.endswith(".parquet"))
 
 
-def committed_ids(output_uri: str) -> set[str]:
+def committed_ids(output_uri: str) -> IdSet:
     """Ids whose outcome (pair or drop) is committed in a run folder: a rerun skips them."""
     fs, _ = filesystem(output_uri)
-    ids: set[str] = set()
+    collector = IdCollector()
     for status in FINAL_STATUSES:
         for shard in list_shards(join(output_uri, FOLDERS[status])):
-            ids.update(pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist())
-    return ids
+            collector.add(pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist())
+    return collector.result()[0]
 
 
-def output_counts(output_uri: str) -> tuple[dict[str, dict[str, int]], set[str], list[str]]:
-    """Over every committed shard of a run folder: counts by status, drop reason and failed stage, the
-    ids written, and the ids written more than once (exactly-once means none)."""
+@dataclass
+class Outcomes:
+    """Over every committed shard of a run folder: row counts by status, drop reason and failed stage,
+    the ids written, and the ids written more than once (exactly-once means none)."""
+
+    counts: dict[str, dict[str, int]]
+    written: IdSet
+    duplicates: list[str]
+
+
+def output_counts(output_uri: str) -> Outcomes:
     fs, _ = filesystem(output_uri)
     counts = empty_counts()
-    seen: set[str] = set()
-    duplicates: list[str] = []
-    for folder in FOLDERS.values():
-        for shard in list_shards(join(output_uri, folder)):
-            table = pq.read_table(shard, columns=["id", *counts], filesystem=fs)
-            add_counts(counts, status_counts(table))
-            for row_id in table.column("id").to_pylist():
-                if row_id in seen:
-                    duplicates.append(row_id)
-                seen.add(row_id)
-    return counts, seen, duplicates
+    collector = IdCollector()
+    shards = [shard for folder in FOLDERS.values() for shard in list_shards(join(output_uri, folder))]
+    for shard in shards:
+        table = pq.read_table(shard, columns=["id", *counts], filesystem=fs)
+        add_counts(counts, status_counts(table))
+        collector.add(table.column("id").to_pylist())
+    written, repeated = collector.result()
+    duplicates: set[str] = set()
+    for shard in shards if len(repeated) else ():  # a bug's trace: name the ids
+        ids = pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist()
+        duplicates.update(i for i, repeats in zip(ids, contains(repeated, digests(ids))) if repeats)
+    return Outcomes(counts=counts, written=written, duplicates=sorted(duplicates))
 
 
 def remove_shards(uri: str) -> int:

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import pyarrow as pa
 from pydantic import Field, field_validator
 
+from synthalign_ray.ids import FirstSeen, IdSet, digests
 from synthalign_ray.stages.common import STATUS_OK, StrictModel
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 DEFAULT_CATEGORY = "uncategorized"
 SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
+PROMPT_SCHEMA = pa.schema(
+    [("id", pa.string()), ("category", pa.string()), ("t2i_prompt", pa.string()), ("seed", pa.int64()), ("source_line", pa.int64())]
+)
 
 
 class PromptsConfig(StrictModel):
@@ -91,24 +100,42 @@ def image_seed(row_seed: int, k: int) -> int:
     return (row_seed + k) % SEED_MODULUS
 
 
-def read_records(path: str, fmt: str, text_field: str):
+def read_records(path: str, fmt: str, text_field: str, parquet_batch_rows: int = 65_536):
     """Yield (line, record-or-None, parse-error) for each data line of a JSONL, CSV, Parquet or text
-    file; a text file's lines become records {text_field: line}; CSV must have a `text_field` column."""
+    file, streaming (a million prompts are never in memory at once); a text file's lines become
+    records {text_field: line}; CSV must have a `text_field` column."""
     from synthalign_ray.store import filesystem
 
     fs, fpath = filesystem(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(fpath, filesystem=fs).to_pylist(), start=1):
-            yield i, rec, None
+        line = 0
+        with fs.open_input_file(fpath) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=parquet_batch_rows):
+                for rec in batch.to_pylist():
+                    line += 1
+                    yield line, rec, None
         return
-    with fs.open_input_stream(fpath) as stream:
-        text = stream.read().decode("utf-8-sig")
-    lines = text.splitlines()
-    if fmt == "jsonl":
+    # newline="": lines end where the file's do (\n, \r\n or \r), and CSV keeps its quoted line breaks.
+    with io.TextIOWrapper(fs.open_input_stream(fpath), encoding="utf-8-sig", newline="") as lines:
+        if fmt == "csv":
+            reader = csv.DictReader(lines)
+            if reader.fieldnames is None or text_field not in reader.fieldnames:
+                yield 1, None, f"CSV header has no {text_field!r} column (header: {reader.fieldnames})"
+                return
+            for rec in reader:
+                if None in rec:
+                    fields = len(reader.fieldnames) + len(rec[None])
+                    yield reader.line_num, None, f"malformed CSV row: {fields} fields, header has {len(reader.fieldnames)}"
+                    continue
+                yield reader.line_num, rec, None
+            return
         for i, line in enumerate(lines, start=1):
             if not line.strip():
+                continue
+            if fmt != "jsonl":  # txt: one prompt a line
+                yield i, {text_field: line.strip()}, None
                 continue
             try:
                 rec = json.loads(line)
@@ -119,76 +146,120 @@ def read_records(path: str, fmt: str, text_field: str):
                 yield i, None, f"expected a JSON object, got {type(rec).__name__}"
                 continue
             yield i, rec, None
-    elif fmt == "csv":
-        reader = csv.DictReader(lines)
-        if reader.fieldnames is None or text_field not in reader.fieldnames:
-            yield 1, None, f"CSV header has no {text_field!r} column (header: {reader.fieldnames})"
-            return
-        for rec in reader:
-            line = reader.line_num
-            if None in rec:
-                yield line, None, f"malformed CSV row: {len(reader.fieldnames) + len(rec[None])} fields, header has {len(reader.fieldnames)}"
+
+
+def prompt_fields(cfg: PromptsConfig, rec: dict) -> dict | str:
+    """A record's `id`, `category` and `t2i_prompt`, or why it is not a prompt."""
+    prompt = rec.get(cfg.prompt_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"empty or missing {cfg.prompt_field!r}"
+    prompt = prompt.strip()
+    raw_id = rec.get(cfg.id_field)
+    category = rec.get(cfg.category_field)
+    return {
+        "id": content_id(prompt) if raw_id is None or str(raw_id).strip() == "" else str(raw_id).strip(),
+        "category": str(category).strip() if category not in (None, "") else DEFAULT_CATEGORY,
+        "t2i_prompt": prompt,
+    }
+
+
+@dataclass
+class PromptCheck:
+    """What a first pass over a prompt file found; `prompt_rows` reads the valid rows in a second.
+
+    Only the ids' digests are held, never the rows: the driver's memory stays flat in the file's size."""
+
+    bad: list[BadRow]
+    ids: IdSet  # of the valid rows
+    duplicate_lines: set[int]  # lines whose id an earlier line has (each is in `bad`)
+    last_line: int  # the line of the last valid row taken (`limit`), 0 if none
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+
+def check_prompts(cfg: PromptsConfig, chunk_rows: int = 65_536) -> PromptCheck:
+    """Validates a prompt file in one streaming pass. Raises InputFileError if bad rows must fail."""
+    bad: list[BadRow] = []
+    seen = FirstSeen()
+    duplicate_lines: set[int] = set()
+    valid, last_line = 0, 0
+    records = read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field)
+    while cfg.limit is None or valid < cfg.limit:
+        chunk = list(itertools.islice(records, chunk_rows))
+        if not chunk:
+            break
+        fields = [error if error is not None else prompt_fields(cfg, rec) for _, rec, error in chunk]
+        candidates = [(line, f["id"]) for (line, _, _), f in zip(chunk, fields) if isinstance(f, dict)]
+        values = digests(row_id for _, row_id in candidates)
+        first_lines = iter(seen.first_lines(values, np.array([line for line, _ in candidates], dtype=np.int64)))
+        taken = 0  # candidates up to the limit
+        for (line, _, _), f in zip(chunk, fields):
+            if cfg.limit is not None and valid >= cfg.limit:
+                break
+            if isinstance(f, str):
+                bad.append(BadRow(line, f))
                 continue
-            yield line, rec, None
-    else:  # txt: one prompt a line
-        for i, line in enumerate(lines, start=1):
-            if line.strip():
-                yield i, {text_field: line.strip()}, None
+            taken += 1
+            first_line = next(first_lines)
+            if first_line:
+                bad.append(BadRow(line, f"duplicate id {f['id']!r} (first seen on line {first_line})"))
+                duplicate_lines.add(line)
+            else:
+                valid, last_line = valid + 1, line
+        seen.add(values[:taken], np.array([line for line, _ in candidates[:taken]], dtype=np.int64))
+    if bad and cfg.on_bad_rows == "fail":
+        raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
+    return PromptCheck(bad=bad, ids=IdSet(seen.digests), duplicate_lines=duplicate_lines, last_line=last_line)
+
+
+def prompt_rows(cfg: PromptsConfig, run_seed: int, check: PromptCheck, batch_rows: int = 65_536) -> Iterator:
+    """The valid rows `check` found, read again from the file: Arrow tables of up to `batch_rows` rows
+    with `id`, `category`, `t2i_prompt`, `seed` and `source_line`."""
+    batch: list[dict] = []
+    for line, rec, error in read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field):
+        if line > check.last_line:
+            break
+        if error is not None or line in check.duplicate_lines:
+            continue
+        fields = prompt_fields(cfg, rec)
+        if isinstance(fields, str):
+            continue
+        batch.append({**fields, "seed": prompt_seed(run_seed, fields["id"]), "source_line": line})
+        if len(batch) == batch_rows:
+            yield pa.Table.from_pylist(batch, schema=PROMPT_SCHEMA)
+            batch = []
+    if batch:
+        yield pa.Table.from_pylist(batch, schema=PROMPT_SCHEMA)
+
+
+def valid_ids(cfg: PromptsConfig, check: PromptCheck) -> Iterator[str]:
+    """The ids of the valid rows `check` found, in file order (read again from the file)."""
+    for table in prompt_rows(cfg, 0, check):  # an id does not depend on the run seed
+        yield from table["id"].to_pylist()
 
 
 def read_prompts(cfg: PromptsConfig, run_seed: int) -> tuple[list[dict], list[BadRow]]:
-    """Validated prompt rows and the bad rows found. Raises InputFileError if bad rows must fail."""
-    fmt = cfg.resolved_format()
-    rows: list[dict] = []
-    bad: list[BadRow] = []
-    first_line_of: dict[str, int] = {}
-    for line, rec, error in read_records(cfg.path, fmt, cfg.prompt_field):
-        if error:
-            bad.append(BadRow(line, error))
-            continue
-        prompt = rec.get(cfg.prompt_field)
-        if not isinstance(prompt, str) or not prompt.strip():
-            bad.append(BadRow(line, f"empty or missing {cfg.prompt_field!r}"))
-            continue
-        prompt = prompt.strip()
-        raw_id = rec.get(cfg.id_field)
-        prompt_id = content_id(prompt) if raw_id is None or str(raw_id).strip() == "" else str(raw_id).strip()
-        if prompt_id in first_line_of:
-            bad.append(BadRow(line, f"duplicate id {prompt_id!r} (first seen on line {first_line_of[prompt_id]})"))
-            continue
-        first_line_of[prompt_id] = line
-        category = rec.get(cfg.category_field)
-        rows.append(
-            {
-                "id": prompt_id,
-                "category": str(category).strip() if category not in (None, "") else DEFAULT_CATEGORY,
-                "t2i_prompt": prompt,
-                "seed": prompt_seed(run_seed, prompt_id),
-                "source_line": line,
-            }
-        )
-        if cfg.limit is not None and len(rows) >= cfg.limit:
-            break
-    if bad and cfg.on_bad_rows == "fail":
-        raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
-    return rows, bad
+    """Validated prompt rows and the bad rows found, for a file small enough to hold (the pipeline
+    streams its prompts: `check_prompts`, `prompt_rows`). Raises InputFileError if bad rows must fail."""
+    check = check_prompts(cfg)
+    return [row for table in prompt_rows(cfg, run_seed, check) for row in table.to_pylist()], check.bad
 
 
 def prompts_table(rows: list[dict]):
-    """The pipeline's input table: prompt columns plus the status columns every stage maintains."""
-    import pyarrow as pa
+    """The pipeline's input table of prompt rows (dicts with the `PROMPT_SCHEMA` fields)."""
+    return with_status_columns(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
 
-    n = len(rows)
-    return pa.table(
-        {
-            "id": pa.array([r["id"] for r in rows], pa.string()),
-            "category": pa.array([r["category"] for r in rows], pa.string()),
-            "t2i_prompt": pa.array([r["t2i_prompt"] for r in rows], pa.string()),
-            "seed": pa.array([r["seed"] for r in rows], pa.int64()),
-            "source_line": pa.array([r["source_line"] for r in rows], pa.int64()),
-            "status": pa.array([STATUS_OK] * n, pa.string()),
-            "error": pa.array([None] * n, pa.string()),
-            "failed_stage": pa.array([None] * n, pa.string()),
-            "drop_reason": pa.array([None] * n, pa.string()),
-        }
-    )
+
+def with_status_columns(prompts):
+    """A table of prompt rows plus the status columns every stage maintains: the pipeline's input."""
+    n = prompts.num_rows
+    status = {"status": pa.array([STATUS_OK] * n, pa.string())}
+    status |= {name: pa.nulls(n, pa.string()) for name in ("error", "failed_stage", "drop_reason")}
+    for name, column in status.items():
+        prompts = prompts.append_column(name, column)
+    return prompts
+
+
+INPUT_SCHEMA = with_status_columns(PROMPT_SCHEMA.empty_table()).schema

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 from synthalign_ray import store
 from synthalign_ray.cli import app
+from synthalign_ray.ids import IdSet
 from synthalign_ray.pipeline import accounting
 from synthalign_ray.stages.image_scores import ImageSelector
 from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
-from synthalign_ray.stages.prompts import prompts_table
+from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
 RESPONSE_TYPE = pa.struct([("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())])
 SCALES = [5.0, 7.0, 9.0, 11.0]
@@ -93,7 +94,9 @@ def run_folder(tmp_path_factory):
     sink = store.StatusSplitDatasink(run)
     # two blocks -> several shards per folder, as a real run writes them
     sink.write([table.slice(0, 17), table.slice(17)], SimpleNamespace(task_idx=0))
-    counts = accounting(run, prompts, [], this_run=store.empty_counts())
+    ids = [row["id"] for row in prompts]
+    check = PromptCheck(bad=[], ids=IdSet.of(ids), duplicate_lines=set(), last_line=len(ids))
+    counts = accounting(run, check, store.output_counts(run), this_run=store.empty_counts(), input_ids=ids)
     store.write_json(store.join(run, store.MANIFEST), {"counts": counts, "models": {"images.model": "zoo:diffusion"},
                                                       "config": {"seed": 0}, "versions": {"ray": "2.60.0"}, "complete": True})  # fmt: skip
     return run

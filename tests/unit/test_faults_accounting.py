@@ -2,6 +2,7 @@
 
 
 from synthalign_ray import store
+from synthalign_ray.ids import IdSet
 from synthalign_ray.pipeline import LOST_STAGE, lost_rows
 from synthalign_ray.stages.common import ActorPoolConfig
 from synthalign_ray.stages.prompts import prompts_table
@@ -19,13 +20,13 @@ def test_shard_name_is_a_function_of_the_rows_ids():
 
 
 def test_lost_rows_are_the_inputs_with_no_shard_recorded_failed():
-    lost = lost_rows(prompts(["a", "b", "c", "d"]), written={"a", "c", "z"})
+    lost = lost_rows(prompts(["a", "b", "c", "d"]), written=IdSet.of(["a", "c", "z"]))
     assert lost.column("id").to_pylist() == ["b", "d"]
     assert set(lost.column("status").to_pylist()) == {"failed"}
     assert set(lost.column("failed_stage").to_pylist()) == {LOST_STAGE}
     assert all(e.startswith("LostBlock") for e in lost.column("error").to_pylist())
     assert lost.schema == prompts(["x"]).schema  # the same columns as any input row
-    assert lost_rows(prompts(["a"]), written={"a"}).num_rows == 0
+    assert lost_rows(prompts(["a"]), written=IdSet.of(["a"])).num_rows == 0
 
 
 def test_pool_placement_reaches_ray_data():

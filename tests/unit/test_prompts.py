@@ -7,11 +7,14 @@ import pytest
 from synthalign_ray.stages.prompts import (
     InputFileError,
     PromptsConfig,
+    check_prompts,
     content_id,
     image_seed,
+    prompt_rows,
     prompt_seed,
     prompts_table,
     read_prompts,
+    valid_ids,
 )
 
 
@@ -124,3 +127,34 @@ def test_prompts_table_has_status_columns():
     assert table.column("status").to_pylist() == ["ok"]
     assert table.schema.field("error").type == pa.string()
     assert json.loads(json.dumps(table.to_pylist()))[0]["failed_stage"] is None
+
+
+def test_check_in_small_chunks_finds_what_one_chunk_finds(tmp_path):
+    # duplicates across chunk borders keep their first line; the limit cuts mid-chunk
+    lines = ['{"id": "a", "prompt": "x"}', "{bad", '{"id": "b", "prompt": ""}', '{"id": "c", "prompt": "y"}',
+             '{"id": "a", "prompt": "z"}', '{"id": "d", "prompt": "w"}', '{"id": "c", "prompt": "v"}', '{"id": "e", "prompt": "u"}']  # fmt: skip
+    path = write(tmp_path, "p.jsonl", "\n".join(lines))
+    for limit in (None, 1, 3, 4):
+        cfg = PromptsConfig(path=path, on_bad_rows="skip", limit=limit)
+        whole = check_prompts(cfg)
+        for chunk_rows in (1, 2, 3):
+            small = check_prompts(cfg, chunk_rows=chunk_rows)
+            assert small.bad == whole.bad and small.ids == whole.ids and small.last_line == whole.last_line
+        rows = [row for table in prompt_rows(cfg, 0, whole, batch_rows=2) for row in table.to_pylist()]
+        assert [r["id"] for r in rows] == ["a", "c", "d", "e"][:limit]
+        assert list(valid_ids(cfg, whole)) == [r["id"] for r in rows]
+    whole = check_prompts(PromptsConfig(path=path, on_bad_rows="skip"))
+    assert [str(b) for b in whole.bad if "duplicate" in b.reason] == [
+        "line 5: duplicate id 'a' (first seen on line 1)",
+        "line 7: duplicate id 'c' (first seen on line 4)",
+    ]
+    # with a limit, bad rows after the last row taken are not reported (nor refused)
+    assert [b.line for b in check_prompts(PromptsConfig(path=path, on_bad_rows="skip", limit=1)).bad] == []
+    assert [b.line for b in check_prompts(PromptsConfig(path=path, on_bad_rows="skip", limit=2)).bad] == [2, 3]
+
+
+def test_text_lines_end_where_the_file_says_and_bom_is_dropped(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffa cat\r\na dog\rthird\n".encode())
+    rows, bad = read_prompts(PromptsConfig(path=str(path)), 0)
+    assert [(r["t2i_prompt"], r["source_line"]) for r in rows] == [("a cat", 1), ("a dog", 2), ("third", 3)]
