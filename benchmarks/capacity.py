@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--memory-rows", type=int, nargs=2, default=[10_000, 1_000_000], metavar=("SMALL", "LARGE"))
     parser.add_argument("--memory-gpus", type=int, default=256)
     parser.add_argument("--memory-block", type=int, default=1000, help="(b): rows per block")
+    parser.add_argument("--memory-budget-mib", type=float, default=16, help="(b): resources.object_store_memory")
     parser.add_argument("--skip", choices=["scheduling", "memory", "cost"], nargs="*", default=[])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
@@ -141,7 +142,8 @@ def memory(args, work: Path) -> list[str]:
     for rows in (small, large):
         # The model stages take 1/10000 of their cluster time: the run is as fast as 2 cores move rows.
         run, summary = simulate(
-            args, args.memory_gpus, "plan", rows, 1e-4, work / f"memory-{rows}", [f"resources.rows_per_block={args.memory_block}"]
+            args, args.memory_gpus, "plan", rows, 1e-4, work / f"memory-{rows}",
+            [f"resources.rows_per_block={args.memory_block}", f"resources.object_store_memory={int(args.memory_budget_mib * 2**20)}"],
         )
         runs[rows] = run
         print(

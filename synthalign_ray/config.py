@@ -59,6 +59,13 @@ class ResourcesConfig(StrictModel):
         "with its node that could not be rebuilt) before the run aborts; their rows are recorded failed "
         "(failed_stage `ray`) and tried again by a rerun. -1: no limit, 0: the first lost block aborts the run",
     )
+    object_store_memory: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of object store the run's blocks in flight may take (Ray Data's "
+        "execution_options.resource_limits): stages upstream of a slow one wait instead of queueing more "
+        "blocks. None: Ray Data's default, a share of the cluster's object store",
+    )
 
 
 class ReportSettings(StrictModel):

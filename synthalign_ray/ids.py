@@ -55,47 +55,50 @@ class IdSet:
 
 
 class IdCollector:
-    """Gathers the digests of ids in chunks (e.g. one per shard) into an IdSet, finding repeats."""
+    """Gathers the digests of ids in chunks (e.g. one per shard) into an IdSet, finding repeats.
 
-    def __init__(self):
-        self.chunks: list[np.ndarray] = []
+    One buffer, sized for `expected` ids and doubled when they are more, sorted in place at the end: the
+    peak is the digests themselves, not a list of chunks plus their concatenation."""
+
+    def __init__(self, expected: int = 0):
+        self.buffer = np.empty(expected, DIGEST)
+        self.size = 0
 
     def add(self, ids: Iterable[str]) -> None:
-        self.chunks.append(digests(ids))
+        values = digests(ids)
+        end = self.size + len(values)
+        if end > len(self.buffer):
+            grown = np.empty(max(end, 2 * len(self.buffer)), DIGEST)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        self.buffer[self.size : end] = values
+        self.size = end
 
     def result(self) -> tuple[IdSet, np.ndarray]:
         """The set of ids added, and the digests added more than once (sorted, each once)."""
-        every = np.sort(np.concatenate(self.chunks)) if self.chunks else np.empty(0, DIGEST)
-        self.chunks = []
+        every = self.buffer[: self.size] if self.size == len(self.buffer) else self.buffer[: self.size].copy()
+        self.buffer, self.size = np.empty(0, DIGEST), 0
+        every.sort()
         repeated = every[1:] == every[:-1]
-        return IdSet(every[np.concatenate([[True], ~repeated])] if len(every) else every), np.unique(every[1:][repeated])
+        if not repeated.any():
+            return IdSet(every), np.empty(0, DIGEST)
+        return IdSet(every[np.concatenate([[True], ~repeated])]), np.unique(every[1:][repeated])
 
 
-class FirstSeen:
-    """The ids of a file read so far, with the line each was first seen on, a chunk of lines at a time."""
+class SeenIds:
+    """The ids of a file read so far, a chunk of lines at a time (one sorted array, merged into)."""
 
     def __init__(self):
-        self.digests = np.empty(0, DIGEST)  # sorted
-        self.lines = np.empty(0, np.int64)  # of `digests`
+        self.digests = np.empty(0, DIGEST)
 
-    def first_lines(self, values: np.ndarray, lines: np.ndarray) -> np.ndarray:
-        """For each id of the next chunk (digests and lines, in file order), the line it was first seen
-        on if an earlier line has it (before the chunk or in it), else 0."""
-        first = np.zeros(len(values), np.int64)
-        if not len(values):
-            return first
+    def seen(self, values: np.ndarray) -> np.ndarray:
+        """For each id of the next chunk (digests in file order), whether an earlier line has it (before
+        the chunk or in it)."""
         _, first_in_chunk, inverse = np.unique(values, return_index=True, return_inverse=True)
-        earlier_in_chunk = first_in_chunk[inverse] != np.arange(len(values))
-        first[earlier_in_chunk] = lines[first_in_chunk[inverse]][earlier_in_chunk]
-        before = contains(self.digests, values)
-        first[before] = self.lines[np.searchsorted(self.digests, values[before])]
-        return first
+        return (first_in_chunk[inverse] != np.arange(len(values))) | contains(self.digests, values)
 
-    def add(self, values: np.ndarray, lines: np.ndarray) -> None:
-        """Adds a chunk's ids (as given to `first_lines`); the first line of each new one is kept."""
-        unique, first_in_chunk = np.unique(values, return_index=True)
-        new = ~contains(self.digests, unique)
-        merged = np.concatenate([self.digests, unique[new]])
-        order = np.argsort(merged, kind="stable")
-        self.digests = merged[order]
-        self.lines = np.concatenate([self.lines, lines[first_in_chunk[new]]])[order]
+    def add(self, values: np.ndarray) -> None:
+        new = np.unique(values)
+        new = new[~contains(self.digests, new)]
+        # A merge of two sorted arrays: no sort of all, one copy.
+        self.digests = np.insert(self.digests, np.searchsorted(self.digests, new), new)

@@ -240,17 +240,21 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     sink = store.StatusSplitDatasink(output)
     execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
     if todo:
+        context = ray.data.DataContext.get_current()
         # A block whose actor task failed past its retries is skipped (and counted) instead of failing
         # the whole run; its rows are recorded failed below.
-        ray.data.DataContext.get_current().max_errored_blocks = cfg.resources.max_lost_blocks
+        context.max_errored_blocks = cfg.resources.max_lost_blocks
+        if cfg.resources.object_store_memory is not None:
+            limits = context.execution_options.resource_limits
+            context.execution_options.resource_limits = limits.copy(object_store_memory=cfg.resources.object_store_memory)
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
         dataset = build(cfg, prompts_uri)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
         execution = progress.run_stats(dataset)
         ray.kill(attempts)
-    outcomes = store.output_counts(output)
+    outcomes = store.output_counts(output, expected_rows=check.rows)
     if todo and record_lost_rows(output, prompts_uri, outcomes.written):
-        outcomes = store.output_counts(output)
+        outcomes = store.output_counts(output, expected_rows=check.rows)
     counts = accounting(output, check, outcomes, this_run=sink.counts, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
         counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True

@@ -299,10 +299,11 @@ class Outcomes:
     duplicates: list[str]
 
 
-def output_counts(output_uri: str) -> Outcomes:
+def output_counts(output_uri: str, expected_rows: int = 0) -> Outcomes:
+    """`Outcomes` of a run folder (`expected_rows`: how many ids to make room for at once)."""
     fs, _ = filesystem(output_uri)
     counts = empty_counts()
-    collector = IdCollector()
+    collector = IdCollector(expected_rows)
     shards = [shard for folder in FOLDERS.values() for shard in list_shards(join(output_uri, folder))]
     for shard in shards:
         table = pq.read_table(shard, columns=["id", *counts], filesystem=fs)

@@ -18,16 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from synthalign_ray.ids import FirstSeen, IdSet, digests
+from synthalign_ray.ids import IdSet, SeenIds, digests
 from synthalign_ray.stages.common import STATUS_OK, StrictModel
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 DEFAULT_CATEGORY = "uncategorized"
 SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
+# Rows of a prompt file the driver holds at once as Python objects (~1 KB each) while reading it.
+CHUNK_ROWS = 4096
 PROMPT_SCHEMA = pa.schema(
     [("id", pa.string()), ("category", pa.string()), ("t2i_prompt", pa.string()), ("seed", pa.int64()), ("source_line", pa.int64())]
 )
@@ -100,7 +101,7 @@ def image_seed(row_seed: int, k: int) -> int:
     return (row_seed + k) % SEED_MODULUS
 
 
-def read_records(path: str, fmt: str, text_field: str, parquet_batch_rows: int = 65_536):
+def read_records(path: str, fmt: str, text_field: str):
     """Yield (line, record-or-None, parse-error) for each data line of a JSONL, CSV, Parquet or text
     file, streaming (a million prompts are never in memory at once); a text file's lines become
     records {text_field: line}; CSV must have a `text_field` column."""
@@ -112,7 +113,7 @@ def read_records(path: str, fmt: str, text_field: str, parquet_batch_rows: int =
 
         line = 0
         with fs.open_input_file(fpath) as stream:
-            for batch in pq.ParquetFile(stream).iter_batches(batch_size=parquet_batch_rows):
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=CHUNK_ROWS):
                 for rec in batch.to_pylist():
                     line += 1
                     yield line, rec, None
@@ -179,11 +180,11 @@ class PromptCheck:
         return len(self.ids)
 
 
-def check_prompts(cfg: PromptsConfig, chunk_rows: int = 65_536) -> PromptCheck:
+def check_prompts(cfg: PromptsConfig, chunk_rows: int = CHUNK_ROWS) -> PromptCheck:
     """Validates a prompt file in one streaming pass. Raises InputFileError if bad rows must fail."""
     bad: list[BadRow] = []
-    seen = FirstSeen()
-    duplicate_lines: set[int] = set()
+    duplicates: dict[int, str] = {}  # line -> its id, which an earlier line has
+    seen = SeenIds()
     valid, last_line = 0, 0
     records = read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field)
     while cfg.limit is None or valid < cfg.limit:
@@ -191,10 +192,9 @@ def check_prompts(cfg: PromptsConfig, chunk_rows: int = 65_536) -> PromptCheck:
         if not chunk:
             break
         fields = [error if error is not None else prompt_fields(cfg, rec) for _, rec, error in chunk]
-        candidates = [(line, f["id"]) for (line, _, _), f in zip(chunk, fields) if isinstance(f, dict)]
-        values = digests(row_id for _, row_id in candidates)
-        first_lines = iter(seen.first_lines(values, np.array([line for line, _ in candidates], dtype=np.int64)))
-        taken = 0  # candidates up to the limit
+        values = digests(f["id"] for f in fields if isinstance(f, dict))
+        repeats = iter(seen.seen(values))
+        taken = 0  # ids up to the limit
         for (line, _, _), f in zip(chunk, fields):
             if cfg.limit is not None and valid >= cfg.limit:
                 break
@@ -202,19 +202,33 @@ def check_prompts(cfg: PromptsConfig, chunk_rows: int = 65_536) -> PromptCheck:
                 bad.append(BadRow(line, f))
                 continue
             taken += 1
-            first_line = next(first_lines)
-            if first_line:
-                bad.append(BadRow(line, f"duplicate id {f['id']!r} (first seen on line {first_line})"))
-                duplicate_lines.add(line)
+            if next(repeats):
+                duplicates[line] = f["id"]
             else:
                 valid, last_line = valid + 1, line
-        seen.add(values[:taken], np.array([line for line, _ in candidates[:taken]], dtype=np.int64))
+        seen.add(values[:taken])
+    if duplicates:
+        bad = sorted(bad + duplicate_rows(cfg, duplicates), key=lambda b: b.line)
     if bad and cfg.on_bad_rows == "fail":
         raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
-    return PromptCheck(bad=bad, ids=IdSet(seen.digests), duplicate_lines=duplicate_lines, last_line=last_line)
+    return PromptCheck(bad=bad, ids=IdSet(seen.digests), duplicate_lines=set(duplicates), last_line=last_line)
 
 
-def prompt_rows(cfg: PromptsConfig, run_seed: int, check: PromptCheck, batch_rows: int = 65_536) -> Iterator:
+def duplicate_rows(cfg: PromptsConfig, duplicates: dict[int, str]) -> list[BadRow]:
+    """The bad rows of `duplicates` (line -> id), each naming the line its id was first seen on: found
+    by reading the file again up to the last of them (only the ids seen twice are held)."""
+    first_line_of: dict[str, int] = {}
+    wanted, last = set(duplicates.values()), max(duplicates)
+    for line, rec, error in read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field):
+        if line > last:
+            break
+        fields = prompt_fields(cfg, rec) if error is None else None
+        if isinstance(fields, dict) and fields["id"] in wanted:
+            first_line_of.setdefault(fields["id"], line)
+    return [BadRow(line, f"duplicate id {row_id!r} (first seen on line {first_line_of[row_id]})") for line, row_id in duplicates.items()]
+
+
+def prompt_rows(cfg: PromptsConfig, run_seed: int, check: PromptCheck, batch_rows: int = CHUNK_ROWS) -> Iterator:
     """The valid rows `check` found, read again from the file: Arrow tables of up to `batch_rows` rows
     with `id`, `category`, `t2i_prompt`, `seed` and `source_line`."""
     batch: list[dict] = []

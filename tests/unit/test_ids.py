@@ -1,8 +1,9 @@
 """Id sets as sorted digests: membership, repeats, first lines, against Python sets on random ids."""
 
 import numpy as np
+import pytest
 
-from synthalign_ray.ids import FirstSeen, IdCollector, IdSet, digests
+from synthalign_ray.ids import IdCollector, IdSet, SeenIds, digests
 
 
 def random_ids(rng, n, pool=50):
@@ -21,28 +22,28 @@ def test_idset_membership_is_set_membership():
     assert IdSet.of(["a", "b"]) == IdSet.of(["b", "a", "a"]) != IdSet.of(["a"])
 
 
-def test_collector_finds_ids_added_more_than_once_across_chunks():
-    collector = IdCollector()
-    for chunk in (["a", "b"], ["c", "a"], [], ["d", "d"]):
+@pytest.mark.parametrize("expected", [0, 1, 7, 100])  # the buffer grows past a wrong guess
+def test_collector_finds_ids_added_more_than_once_across_chunks(expected):
+    collector = IdCollector(expected)
+    for chunk in (["a", "b"], ["c", "a"], [], ["d", "d", "e"]):
         collector.add(chunk)
     ids, repeated = collector.result()
-    assert ids == IdSet.of("abcd")
+    assert ids == IdSet.of("abcde")
     assert sorted(repeated.tolist()) == sorted(digests(["a", "d"]).tolist())
+    collector.add(["x", "y"])
+    assert collector.result()[0] == IdSet.of("xy") and len(collector.result()[1]) == 0
     assert len(IdCollector().result()[0]) == 0
 
 
-def test_first_seen_gives_the_first_line_of_a_repeated_id_in_and_across_chunks():
+def test_seen_ids_are_those_an_earlier_line_has_in_and_across_chunks():
     rng = np.random.default_rng(1)
     ids = random_ids(rng, 300, pool=80)
-    expected, first = [], {}
-    for line, i in enumerate(ids, start=1):
-        expected.append(first.get(i, 0))
-        first.setdefault(i, line)
-    seen, got = FirstSeen(), []
+    expected = [i in set(ids[:line]) for line, i in enumerate(ids)]
+    seen, got = SeenIds(), []
     for start in range(0, len(ids), 37):  # chunks that do not divide the file
-        chunk = ids[start : start + 37]
-        values, lines = digests(chunk), np.arange(start + 1, start + 1 + len(chunk))
-        got += seen.first_lines(values, lines).tolist()
-        seen.add(values, lines)
+        values = digests(ids[start : start + 37])
+        got += seen.seen(values).tolist()
+        seen.add(values)
     assert got == expected
     assert IdSet(seen.digests) == IdSet.of(ids)
+    assert seen.seen(digests([])).tolist() == []
