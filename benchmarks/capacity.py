@@ -11,12 +11,18 @@
     many blocks as its biggest pool has replicas, so every replica handles several blocks; the time
     scale is chosen so that a run lasts about `--target-seconds` and Ray Data gets at most
     `--max-blocks-per-s` blocks per second here (2 cores schedule all of its tasks).
-(b) Memory. `synthalign simulate` in a subprocess on 10K and on 1M rows (256 GPUs, plan split, blocks of
+(b) Memory. `synthalign simulate` in a subprocess on 10K and on 1M rows (8 GPUs, plan split, blocks of
     `--memory-block` rows, a time scale that makes the model stages negligible): the driver's peak RSS
     (getrusage in the subprocess, as benchmarks/pipeline.py (b) measures it) and the object store's peak
     bytes in use (Ray's memory stats, polled every 0.5 s). Growth from 10K to 1M rows (target < 20%).
-    The real model-free stages move ~400-500 rows/s on this machine's 2 cores, so 1M rows take about 40
-    minutes here; `--memory-rows 10000 100000` is the short version.
+    Both runs set the two bounds a million-row run needs: `resources.object_store_memory` (Ray Data's
+    budget: with model stages this fast the 2 cores' model-free stages are the bottleneck, and Ray
+    Data's default budget, half of this machine's object store, would let every block queue ahead of
+    them) and `resources.blocks_per_wave` (Ray Data's driver keeps tens of KB per block of an execution).
+    8 GPUs, because the blocks in flight grow with the replicas (one or more per replica): 10K rows in
+    1000-row blocks fill 8 GPUs' pools, not 256's. The real model-free stages move ~400-500 rows/s on
+    this machine's 2 cores, so 1M rows take about 40 minutes here; `--memory-rows 10000 100000` is the
+    short version.
 (c) Cost. GPU-hours and spot / on-demand cost per 10K pairs from the profile: ideal (every GPU busy all
     the time: sum over stages of GPUs / rows/s), the plan at each GPU count (GPUs of the plan x time at
     its bound: replicas of faster stages idle part of the time), and as simulated in (a).
@@ -53,9 +59,10 @@ def main() -> None:
     parser.add_argument("--target-seconds", type=float, default=60.0, help="(a): wanted length of a run here")
     parser.add_argument("--max-blocks-per-s", type=float, default=3.0, help="(a): Ray Data blocks per second here at most")
     parser.add_argument("--memory-rows", type=int, nargs=2, default=[10_000, 1_000_000], metavar=("SMALL", "LARGE"))
-    parser.add_argument("--memory-gpus", type=int, default=256)
+    parser.add_argument("--memory-gpus", type=int, default=8)
     parser.add_argument("--memory-block", type=int, default=1000, help="(b): rows per block")
     parser.add_argument("--memory-budget-mib", type=float, default=16, help="(b): resources.object_store_memory")
+    parser.add_argument("--memory-wave", type=int, default=100, help="(b): resources.blocks_per_wave")
     parser.add_argument("--skip", choices=["scheduling", "memory", "cost"], nargs="*", default=[])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
@@ -143,7 +150,11 @@ def memory(args, work: Path) -> list[str]:
         # The model stages take 1/10000 of their cluster time: the run is as fast as 2 cores move rows.
         run, summary = simulate(
             args, args.memory_gpus, "plan", rows, 1e-4, work / f"memory-{rows}",
-            [f"resources.rows_per_block={args.memory_block}", f"resources.object_store_memory={int(args.memory_budget_mib * 2**20)}"],
+            [
+                f"resources.rows_per_block={args.memory_block}",
+                f"resources.object_store_memory={int(args.memory_budget_mib * 2**20)}",
+                f"resources.blocks_per_wave={args.memory_wave}",
+            ],
         )
         runs[rows] = run
         print(
@@ -154,7 +165,8 @@ def memory(args, work: Path) -> list[str]:
     rss = runs[large].peak_rss_mib / runs[small].peak_rss_mib - 1
     store = runs[large].object_store_peak_mib / max(runs[small].object_store_peak_mib, 1e-9) - 1
     return [
-        f"(b) memory, simulate on {args.memory_gpus} fake GPUs (plan split), blocks of {args.memory_block} rows:",
+        f"(b) memory, simulate on {args.memory_gpus} fake GPUs (plan split), blocks of {args.memory_block} rows, "
+        f"object store budget {args.memory_budget_mib:g} MiB, waves of {args.memory_wave} blocks:",
         f"    driver peak RSS: {small} rows {runs[small].peak_rss_mib:.0f} MiB, {large} rows {runs[large].peak_rss_mib:.0f} MiB: "
         f"growth {100 * rss:+.1f}% (target < 20%)",
         f"    object store peak: {small} rows {runs[small].object_store_peak_mib:.1f} MiB, {large} rows "

@@ -59,6 +59,14 @@ class ResourcesConfig(StrictModel):
         "with its node that could not be rebuilt) before the run aborts; their rows are recorded failed "
         "(failed_stage `ray`) and tried again by a rerun. -1: no limit, 0: the first lost block aborts the run",
     )
+    blocks_per_wave: int | None = Field(
+        None,
+        ge=1,
+        description="blocks per Ray Data execution: a run of more blocks goes in waves of this many, one "
+        "after the other. Ray Data's driver keeps tens of KB per block of an execution (per-block stats, "
+        "object ownership), so this bounds the driver's memory at millions of rows; each wave starts its "
+        "pools afresh (models load again) and drains before the next. None: one execution",
+    )
     object_store_memory: int | None = Field(
         None,
         ge=1,

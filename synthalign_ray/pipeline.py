@@ -85,19 +85,18 @@ def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
             zoo.resolve(ref)
 
 
-def prompt_blocks(prompts_uri: str):
-    """The pipeline's input: the run's prompts file (`store.write_row_groups`), one block per row group,
-    each read when the stream is ready for it."""
+def prompt_blocks(prompts: store.RowGroupDatasource):
+    """The pipeline's input: (a wave of) the run's prompts file, one block per row group, each read when
+    the stream is ready for it."""
     import ray
 
-    source = store.RowGroupDatasource(prompts_uri)
     # As many blocks as row groups: with fewer read tasks than its default parallelism, Ray Data would
     # split each block (SplitBlocks) and the blocks would no longer be `rows_per_block` rows.
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.groups)), num_cpus=LIGHT_STAGE_CPUS)
+    return ray.data.read_datasource(prompts, override_num_blocks=max(1, len(prompts.groups)), num_cpus=LIGHT_STAGE_CPUS)
 
 
-def build_dataset(cfg: SynthAlignConfig, prompts_uri: str):
-    """The pipeline over the run's prompts file (`prompt_blocks`)."""
+def build_dataset(cfg: SynthAlignConfig, prompts: store.RowGroupDatasource):
+    """The pipeline over (a wave of) the run's prompts file (`prompt_blocks`)."""
 
     def pure(stage):
         # Model-free stages run as Ray tasks on whole blocks (batch_size=None): a batch size would make
@@ -107,7 +106,7 @@ def build_dataset(cfg: SynthAlignConfig, prompts_uri: str):
         # the last seconds of the run, so a late kill lost nearly all of its work.
         return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
 
-    ds = prompt_blocks(prompts_uri).map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
+    ds = prompt_blocks(prompts).map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
     ds = ds.map_batches(
         ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
     )
@@ -151,6 +150,16 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+def configure_data_context(context, resources: ResourcesConfig) -> None:
+    """Ray Data's settings for a run: how many lost blocks it may skip, its object store budget."""
+    # A block whose actor task failed past its retries is skipped (and counted) instead of failing the
+    # whole run; generate records its rows failed.
+    context.max_errored_blocks = resources.max_lost_blocks
+    if resources.object_store_memory is not None:
+        limits = context.execution_options.resource_limits
+        context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_memory)
 
 
 def check_chat_environment(chat_models: dict[str, ChatModelConfig]) -> None:
@@ -238,26 +247,25 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     init_ray(cfg.resources, cfg.chat_models().values())
 
     sink = store.StatusSplitDatasink(output)
-    execution = {"execution_seconds": 0.0, "stages": []}  # nothing to do: nothing executed
-    if todo:
-        context = ray.data.DataContext.get_current()
-        # A block whose actor task failed past its retries is skipped (and counted) instead of failing
-        # the whole run; its rows are recorded failed below.
-        context.max_errored_blocks = cfg.resources.max_lost_blocks
-        if cfg.resources.object_store_memory is not None:
-            limits = context.execution_options.resource_limits
-            context.execution_options.resource_limits = limits.copy(object_store_memory=cfg.resources.object_store_memory)
+    waves = store.RowGroupDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
+    executions = []
+    if waves:
+        configure_data_context(ray.data.DataContext.get_current(), cfg.resources)
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
-        dataset = build(cfg, prompts_uri)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
-        execution = progress.run_stats(dataset)
+        for number, wave in enumerate(waves, start=1):
+            if len(waves) > 1:
+                log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.groups))
+            dataset = build(cfg, wave)
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
+            executions.append(progress.run_stats(dataset))
         ray.kill(attempts)
+    execution = progress.add_run_stats(executions)
     outcomes = store.output_counts(output, expected_rows=check.rows)
     if todo and record_lost_rows(output, prompts_uri, outcomes.written):
         outcomes = store.output_counts(output, expected_rows=check.rows)
     counts = accounting(output, check, outcomes, this_run=sink.counts, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
-        counts=counts, **execution, ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
+        counts=counts, **execution, waves=len(waves), ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
     )
     store.write_json(store.join(output, store.MANIFEST), manifest)
     if cfg.report is not None:

@@ -51,7 +51,8 @@ def stage_stats(summary) -> list[StageStats]:
     stages = []
     for operator, is_source in _operators(summary):
         rows_out = operator.output_num_rows.sum if operator.output_num_rows else 0
-        rows_in = None if is_source else (operator.total_input_num_rows or 0)
+        # A read operator is not at the root of the chain (Ray Data gives it an input of 0 rows), but first.
+        rows_in = None if is_source or not stages else (operator.total_input_num_rows or 0)
         if is_write(operator.operator_name):
             rows_out = rows_in or 0
         wall_s = operator.time_total_s or 0.0
@@ -96,6 +97,30 @@ def run_stats(dataset) -> dict[str, Any]:
         "execution_seconds": round(summary.time_total_s, 2),
         "stages": [stage.to_dict() for stage in stage_stats(summary)],
     }
+
+
+def add_run_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `run_stats` of executions of the same graph one after the other (waves), as one: times and
+    rows add up per stage, rates and shares are of the sums. No execution: nothing ran."""
+    if len(runs) == 1:
+        return runs[0]
+    seconds = sum(run["execution_seconds"] for run in runs)
+    stages = []
+    for per_wave in zip(*(run["stages"] for run in runs)):
+        rows_in = None if per_wave[0]["rows_in"] is None else sum(s["rows_in"] for s in per_wave)
+        rows_out = sum(s["rows_out"] for s in per_wave)
+        wall_s = sum(s["wall_s"] for s in per_wave)
+        stage = StageStats(
+            stage=per_wave[0]["stage"],
+            rows_in=rows_in,
+            rows_out=rows_out,
+            wall_s=round(wall_s, 3),
+            busy_s=round(sum(s["busy_s"] for s in per_wave), 3),
+            rows_per_s=round(rows_out / wall_s, 3) if wall_s > 0 else 0.0,
+            share_of_run=round(wall_s / seconds, 4) if seconds > 0 else 0.0,
+        )
+        stages.append(stage.to_dict())
+    return {"execution_seconds": round(seconds, 2), "stages": stages}
 
 
 def format_table(stages: list[StageStats], run_s: float | None = None) -> str:

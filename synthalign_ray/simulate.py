@@ -224,7 +224,7 @@ def simulated_pools(cfg: SynthAlignConfig, profile: Profile, replicas: dict[str,
     return pools
 
 
-def build_simulated_dataset(cfg: SynthAlignConfig, prompts_uri: str, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
+def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.RowGroupDatasource, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
     """`pipeline.build_dataset`'s graph with every model stage a simulated pool (same order, same
     model-free stages, same blocks)."""
     from ray.data import ActorPoolStrategy
@@ -257,7 +257,7 @@ def build_simulated_dataset(cfg: SynthAlignConfig, prompts_uri: str, *, pools: l
     def pure(stage):  # as pipeline.build_dataset runs its model-free stages
         return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
 
-    ds = simulated(simulated(prompt_blocks(prompts_uri), "images"), "image_scores")
+    ds = simulated(simulated(prompt_blocks(prompts), "images"), "image_scores")
     ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
     ds = simulated(ds, "instructions") if "instructions" in by_stage else add_instructions(ds, cfg.instructions, run_seed=cfg.seed)
     for model in cfg.responses.models:

@@ -236,28 +236,37 @@ def row_groups(uri: str) -> Iterator[pa.Table]:
 
 
 class RowGroupDatasource(Datasource):
-    """One Parquet file as a Ray Data source of one block per row group, read when the stream wants it.
+    """One Parquet file (or a range of its row groups) as a Ray Data source of one block per row group,
+    read when the stream wants it.
 
     The pipeline's input: `write_row_groups` makes its row groups `rows_per_block` rows, so the blocks
     are those the config asks for (`read_parquet` sizes blocks by bytes), and no block is in the object
     store before its read task runs (`from_arrow` would put the whole input there at the start)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, groups: range | None = None):
         super().__init__()
         self.uri = uri
         fs, path = filesystem(uri)
         with fs.open_input_file(path) as stream:
             file = pq.ParquetFile(stream)
             self.schema = file.schema_arrow
-            self.groups = [(file.metadata.row_group(i).num_rows, file.metadata.row_group(i).total_byte_size) for i in range(file.num_row_groups)]
+            self.groups = groups if groups is not None else range(file.num_row_groups)
+            self.sizes = [(file.metadata.row_group(i).num_rows, file.metadata.row_group(i).total_byte_size) for i in self.groups]
+
+    def waves(self, groups_per_wave: int | None) -> list[RowGroupDatasource]:
+        """This source in consecutive parts of `groups_per_wave` row groups (None: one part, itself)."""
+        if groups_per_wave is None or groups_per_wave >= len(self.groups):
+            return [self]
+        step = groups_per_wave
+        return [RowGroupDatasource(self.uri, self.groups[start : start + step]) for start in range(0, len(self.groups), step)]
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(size for _, size in self.groups)
+        return sum(size for _, size in self.sizes)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         return [
             ReadTask(partial(read_row_group, self.uri, i), BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None), self.schema)
-            for i, (rows, size) in enumerate(self.groups)
+            for i, (rows, size) in zip(self.groups, self.sizes)
         ]
 
 

@@ -19,10 +19,11 @@ PROFILE = REPO / "configs" / "profiles" / "paper_a100.yaml"
 ROWS = 96
 
 
-def simulate(output):
+def simulate(output, *sets):
     command = [
         sys.executable, "-m", "synthalign_ray.cli", "simulate", "--config", str(CONFIG), "--profile", str(PROFILE),
         "--gpus", "8", "--rows", str(ROWS), "--output", str(output), "--time-scale", "0.004",
+        *[arg for item in sets for arg in ("--set", item)],
     ]
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # paper.yaml names hub models; none is loaded
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
@@ -59,3 +60,12 @@ def test_simulate_accounting_and_planned_replicas(tmp_path):
     again = simulate(output)  # the same command resumes: nothing left to do
     assert json.loads((output / "manifest.json").read_text())["counts"]["processed_this_run"] == 0
     assert f"{ROWS} rows -> {ROWS} pairs" in again.stdout
+
+
+def test_waves_run_one_after_the_other_and_add_up(tmp_path):
+    output = tmp_path / "waves"
+    simulate(output, "resources.rows_per_block=8", "resources.blocks_per_wave=5")  # 12 blocks: waves of 5, 5, 2
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["waves"] == 3 and manifest["counts"]["pairs"] == ROWS
+    assert [stage["rows_out"] for stage in manifest["stages"]] == [ROWS] * len(manifest["stages"])
+    assert manifest["stages"][0]["stage"] == "ReadRowGroup" and manifest["stages"][-1]["stage"].endswith("Write")

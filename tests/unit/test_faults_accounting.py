@@ -37,3 +37,18 @@ def test_pool_placement_reaches_ray_data():
     assert "accelerator_type" not in plain and "resources" not in plain  # Ray's own defaults
     # Ray Data's own retry policy stays: a replica lost with its node is resubmitted without limit.
     assert "max_task_retries" not in plain and "max_restarts" not in plain
+
+
+def test_run_resources_reach_ray_data():
+    from ray.data import DataContext
+
+    from synthalign_ray.config import ResourcesConfig
+    from synthalign_ray.pipeline import configure_data_context
+
+    context = DataContext()
+    configure_data_context(context, ResourcesConfig(max_lost_blocks=3, object_store_memory=64 * 2**20))
+    assert context.max_errored_blocks == 3
+    assert context.execution_options.resource_limits.object_store_memory == 64 * 2**20
+    default = DataContext()
+    configure_data_context(default, ResourcesConfig())
+    assert default.execution_options.resource_limits == DataContext().execution_options.resource_limits  # Ray's own

@@ -23,5 +23,18 @@ def test_row_groups_are_exact_blocks_in_order(tmp_path, sizes):
     source = store.RowGroupDatasource(uri)
     tasks = source.get_read_tasks(parallelism=1)
     assert [t.metadata.num_rows for t in tasks] == [g.num_rows for g in groups]
+    assert source.waves(None) == [source]
     assert [next(iter(t())).equals(g) for t, g in zip(tasks, groups)] == [True] * len(groups)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_waves_split_the_row_groups_in_order(tmp_path):
+    uri = str(tmp_path / "prompts.parquet")
+    store.write_row_groups(uri, [numbers(0, 10)], pa.schema([("n", pa.int64())]), rows_per_group=2)
+    source = store.RowGroupDatasource(uri)
+    assert store.RowGroupDatasource(uri).waves(None)[0].groups == range(5)
+    waves = source.waves(2)
+    assert [list(w.groups) for w in waves] == [[0, 1], [2, 3], [4]]
+    rows = [n for wave in waves for task in wave.get_read_tasks(1) for block in task() for n in block["n"].to_pylist()]
+    assert rows == list(range(10))
+    assert [w.estimate_inmemory_data_size() > 0 for w in waves] == [True] * 3
