@@ -18,8 +18,10 @@ them from a supplied file. Three sources here:
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -28,7 +30,8 @@ from pydantic import Field, model_validator
 from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import RowStage, StrictModel
-from synthalign_ray.stages.prompts import BadRow, InputFileError, check_input_file, file_format, read_records
+from synthalign_ray.ids import IdSet, SeenIds, digests
+from synthalign_ray.stages.prompts import CHUNK_ROWS, BadRow, InputFileError, check_input_file, duplicate_rows, file_format, read_records
 
 TEMPLATE_FIELDS = {"t2i_prompt", "category", "id"}
 DROP_NO_INSTRUCTION = "no_instruction"
@@ -81,38 +84,74 @@ def template_fields(template: str) -> set[str]:
         raise ValueError(f"template is not a valid format string: {e}") from None
 
 
+def instruction_fields(cfg: InstructionsConfig, rec: dict) -> tuple[str, str] | str:
+    """A record's (id, instruction), or why it has none."""
+    raw_id, instruction = rec.get(cfg.id_field), rec.get(cfg.instruction_field)
+    if raw_id is None or str(raw_id).strip() == "":
+        return f"missing {cfg.id_field!r}"
+    if not isinstance(instruction, str) or not instruction.strip():
+        return f"empty or missing {cfg.instruction_field!r}"
+    return str(raw_id).strip(), instruction.strip()
+
+
+def instruction_lines(cfg: InstructionsConfig) -> Iterator[tuple[int, tuple[str, str] | str]]:
+    """(line, (id, instruction) or why the line has none) for each data line of the file."""
+    for line, rec, error in read_records(cfg.path, file_format(cfg.path, cfg.format), cfg.instruction_field):
+        yield line, error if error is not None else instruction_fields(cfg, rec)
+
+
+def refuse_bad_lines(cfg: InstructionsConfig, bad: list[BadRow], duplicates: dict[int, str]) -> None:
+    """Raises InputFileError listing the bad lines, if any (duplicates: line -> its id seen before)."""
+    if duplicates:
+        ids = ((line, f[0]) for line, f in instruction_lines(cfg) if isinstance(f, tuple))
+        bad = sorted(bad + duplicate_rows(ids, duplicates), key=lambda b: b.line)
+    if bad:
+        raise InputFileError(cfg.path, bad, "instructions are joined by id: each id once, non-empty")
+
+
 def read_instruction_file(cfg: InstructionsConfig) -> dict[str, str]:
     """id -> instruction from the file; raises InputFileError listing every bad line."""
     mapping: dict[str, str] = {}
-    first_line_of: dict[str, int] = {}
     bad: list[BadRow] = []
-    for line, rec, error in read_records(cfg.path, file_format(cfg.path, cfg.format), cfg.instruction_field):
-        if error:
-            bad.append(BadRow(line, error))
-            continue
-        raw_id, instruction = rec.get(cfg.id_field), rec.get(cfg.instruction_field)
-        if raw_id is None or str(raw_id).strip() == "":
-            bad.append(BadRow(line, f"missing {cfg.id_field!r}"))
-        elif not isinstance(instruction, str) or not instruction.strip():
-            bad.append(BadRow(line, f"empty or missing {cfg.instruction_field!r}"))
-        elif str(raw_id).strip() in first_line_of:
-            key = str(raw_id).strip()
-            bad.append(BadRow(line, f"duplicate id {key!r} (first seen on line {first_line_of[key]})"))
+    duplicates: dict[int, str] = {}
+    for line, fields in instruction_lines(cfg):
+        if isinstance(fields, str):
+            bad.append(BadRow(line, fields))
+        elif fields[0] in mapping:
+            duplicates[line] = fields[0]
         else:
-            key = str(raw_id).strip()
-            first_line_of[key] = line
-            mapping[key] = instruction.strip()
-    if bad:
-        raise InputFileError(cfg.path, bad, "instructions are joined by id: each id once, non-empty")
+            mapping[fields[0]] = fields[1]
+    refuse_bad_lines(cfg, bad, duplicates)
     return mapping
 
 
-def missing_instructions(cfg: InstructionsConfig, ids: list[str]) -> list[str]:
+def instruction_ids(cfg: InstructionsConfig) -> IdSet:
+    """The ids of the instruction file, checked as `read_instruction_file` does in one streaming pass that
+    holds only their digests (the driver's check of a file of millions of lines)."""
+    bad: list[BadRow] = []
+    duplicates: dict[int, str] = {}
+    seen = SeenIds()
+    lines = instruction_lines(cfg)
+    while chunk := list(itertools.islice(lines, CHUNK_ROWS)):
+        bad += [BadRow(line, fields) for line, fields in chunk if isinstance(fields, str)]
+        ids = [(line, fields[0]) for line, fields in chunk if isinstance(fields, tuple)]
+        values = digests(row_id for _, row_id in ids)
+        duplicates |= {line: row_id for (line, row_id), repeat in zip(ids, seen.seen(values)) if repeat}
+        seen.add(values)
+    refuse_bad_lines(cfg, bad, duplicates)
+    return IdSet(seen.digests)
+
+
+def missing_instructions(cfg: InstructionsConfig, ids: Iterable[str]) -> list[str]:
     """Prompt ids the instruction file does not cover (empty for template instructions)."""
     if cfg.source != "file":
         return []
-    mapping = read_instruction_file(cfg)
-    return [i for i in ids if i not in mapping]
+    known = instruction_ids(cfg)
+    missing: list[str] = []
+    ids = iter(ids)
+    while chunk := list(itertools.islice(ids, CHUNK_ROWS)):
+        missing += [row_id for row_id, found in zip(chunk, known.contains(digests(chunk))) if not found]
+    return missing
 
 
 class InstructionWriter(RowStage):
@@ -124,11 +163,15 @@ class InstructionWriter(RowStage):
     def __init__(self, cfg: InstructionsConfig):
         super().__init__(max_batch_retries=0)
         self.cfg = cfg
-        self.mapping = read_instruction_file(cfg) if cfg.source == "file" else None
+        # Read in the worker, at its first block: built here, the mapping of a million-line file would sit
+        # in the driver (~280 MB) and be pickled into the stage (~80 MB). The driver checked the file.
+        self.mapping: dict[str, str] | None = None
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.mapping is None:
+        if self.cfg.source != "file":
             return [{"instruction": fill_template(self.cfg.template, row), "instruction_source": "template"} for row in rows]
+        if self.mapping is None:
+            self.mapping = read_instruction_file(self.cfg)
         out = []
         for row in rows:
             instruction = self.mapping.get(row["id"])

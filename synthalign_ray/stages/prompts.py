@@ -13,7 +13,7 @@ import hashlib
 import io
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -208,23 +208,24 @@ def check_prompts(cfg: PromptsConfig, chunk_rows: int = CHUNK_ROWS) -> PromptChe
                 valid, last_line = valid + 1, line
         seen.add(values[:taken])
     if duplicates:
-        bad = sorted(bad + duplicate_rows(cfg, duplicates), key=lambda b: b.line)
+        records = read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field)
+        ids = ((line, f["id"]) for line, rec, error in records if error is None and isinstance(f := prompt_fields(cfg, rec), dict))
+        bad = sorted(bad + duplicate_rows(ids, duplicates), key=lambda b: b.line)
     if bad and cfg.on_bad_rows == "fail":
         raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
     return PromptCheck(bad=bad, ids=IdSet(seen.digests), duplicate_lines=set(duplicates), last_line=last_line)
 
 
-def duplicate_rows(cfg: PromptsConfig, duplicates: dict[int, str]) -> list[BadRow]:
-    """The bad rows of `duplicates` (line -> id), each naming the line its id was first seen on: found
-    by reading the file again up to the last of them (only the ids seen twice are held)."""
+def duplicate_rows(ids: Iterable[tuple[int, str]], duplicates: dict[int, str]) -> list[BadRow]:
+    """The bad rows of `duplicates` (line -> id), each naming the line its id was first seen on, found in
+    `ids` (line, id of every line with one, read again from the file; only the ids seen twice are held)."""
     first_line_of: dict[str, int] = {}
     wanted, last = set(duplicates.values()), max(duplicates)
-    for line, rec, error in read_records(cfg.path, cfg.resolved_format(), cfg.prompt_field):
+    for line, row_id in ids:
         if line > last:
             break
-        fields = prompt_fields(cfg, rec) if error is None else None
-        if isinstance(fields, dict) and fields["id"] in wanted:
-            first_line_of.setdefault(fields["id"], line)
+        if row_id in wanted:
+            first_line_of.setdefault(row_id, line)
     return [BadRow(line, f"duplicate id {row_id!r} (first seen on line {first_line_of[row_id]})") for line, row_id in duplicates.items()]
 
 

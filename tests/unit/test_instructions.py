@@ -1,7 +1,9 @@
+import pickle
+
 import pytest
 from pydantic import ValidationError
 
-from synthalign_ray.stages.instructions import InstructionsConfig, InstructionWriter, missing_instructions
+from synthalign_ray.stages.instructions import InstructionsConfig, InstructionWriter, missing_instructions, read_instruction_file
 from synthalign_ray.stages.prompts import InputFileError, prompts_table
 
 
@@ -42,11 +44,13 @@ def test_bad_instruction_lines_are_listed(tmp_path):
         '{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "again"}\n{"instruction": "no id"}\n{"id": "c", "instruction": ""}\nnot json\n'
     )
     cfg = InstructionsConfig(source="file", path=str(path))
-    with pytest.raises(InputFileError) as err:
-        InstructionWriter(cfg)
-    message = str(err.value)
-    for expected in ["line 2: duplicate id 'a'", "line 3: missing 'id'", "line 4: empty or missing 'instruction'", "line 5: malformed JSON"]:
-        assert expected in message
+    # the driver's streaming check and the workers' loader refuse the same lines
+    for check in (lambda: missing_instructions(cfg, ["a"]), lambda: read_instruction_file(cfg)):
+        with pytest.raises(InputFileError) as err:
+            check()
+        message = str(err.value)
+        for expected in ["line 2: duplicate id 'a' (first seen on line 1)", "line 3: missing 'id'", "line 4: empty or missing 'instruction'", "line 5: malformed JSON"]:
+            assert expected in message
 
 
 def test_file_source_needs_an_existing_path(tmp_path):
@@ -54,3 +58,14 @@ def test_file_source_needs_an_existing_path(tmp_path):
         InstructionsConfig(source="file")
     with pytest.raises(ValidationError, match="does not exist"):
         InstructionsConfig(source="file", path=str(tmp_path / "missing.jsonl"))
+
+
+def test_the_file_is_read_in_the_worker_and_checked_in_chunks_on_the_driver(tmp_path):
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("".join(f'{{"id": "p{i}", "instruction": "question {i}"}}\n' for i in range(0, 5000, 2)))
+    cfg = InstructionsConfig(source="file", path=str(path))
+    writer = InstructionWriter(cfg)
+    assert writer.mapping is None and len(pickle.dumps(writer)) < 10_000  # no mapping shipped with the stage
+    assert [r["instruction"] for r in writer(table(["p2", "p3"])).to_pylist()] == ["question 2", None]
+    ids = [f"p{i}" for i in range(5000)]  # more than one chunk of ids
+    assert missing_instructions(cfg, iter(ids)) == [f"p{i}" for i in range(1, 5000, 2)]
