@@ -18,6 +18,7 @@ them from a supplied file. Three sources here:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import string
@@ -154,6 +155,20 @@ def missing_instructions(cfg: InstructionsConfig, ids: Iterable[str]) -> list[st
     return missing
 
 
+def worker_instructions(cfg: InstructionsConfig) -> dict[str, str]:
+    """The instruction file's mapping, read once per worker process (its tasks are fresh copies of the
+    stage, so the stage cannot hold it). Not built in the driver: the mapping of a million-line file
+    takes ~280 MB there and ~80 MB pickled into the stage. The driver checked the file
+    (`missing_instructions`)."""
+    return _read_once(cfg.path, cfg.format, cfg.id_field, cfg.instruction_field)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_once(path: str, fmt: str, id_field: str, instruction_field: str) -> dict[str, str]:
+    cfg = InstructionsConfig(source="file", path=path, format=fmt, id_field=id_field, instruction_field=instruction_field)
+    return read_instruction_file(cfg)
+
+
 class InstructionWriter(RowStage):
     """Adds `instruction` and `instruction_source` (pure: a file join or a template, no model)."""
 
@@ -163,18 +178,14 @@ class InstructionWriter(RowStage):
     def __init__(self, cfg: InstructionsConfig):
         super().__init__(max_batch_retries=0)
         self.cfg = cfg
-        # Read in the worker, at its first block: built here, the mapping of a million-line file would sit
-        # in the driver (~280 MB) and be pickled into the stage (~80 MB). The driver checked the file.
-        self.mapping: dict[str, str] | None = None
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.cfg.source != "file":
             return [{"instruction": fill_template(self.cfg.template, row), "instruction_source": "template"} for row in rows]
-        if self.mapping is None:
-            self.mapping = read_instruction_file(self.cfg)
+        mapping = worker_instructions(self.cfg)
         out = []
         for row in rows:
-            instruction = self.mapping.get(row["id"])
+            instruction = mapping.get(row["id"])
             if instruction is None:
                 out.append(self.drop(DROP_NO_INSTRUCTION, {"instruction": None, "instruction_source": None}))
             else:

@@ -3,7 +3,7 @@ import pickle
 import pytest
 from pydantic import ValidationError
 
-from synthalign_ray.stages.instructions import InstructionsConfig, InstructionWriter, missing_instructions, read_instruction_file
+from synthalign_ray.stages.instructions import InstructionsConfig, InstructionWriter, missing_instructions, read_instruction_file, worker_instructions
 from synthalign_ray.stages.prompts import InputFileError, prompts_table
 
 
@@ -65,7 +65,9 @@ def test_the_file_is_read_in_the_worker_and_checked_in_chunks_on_the_driver(tmp_
     path.write_text("".join(f'{{"id": "p{i}", "instruction": "question {i}"}}\n' for i in range(0, 5000, 2)))
     cfg = InstructionsConfig(source="file", path=str(path))
     writer = InstructionWriter(cfg)
-    assert writer.mapping is None and len(pickle.dumps(writer)) < 10_000  # no mapping shipped with the stage
+    assert len(pickle.dumps(writer)) < 10_000  # no mapping shipped with the stage
     assert [r["instruction"] for r in writer(table(["p2", "p3"])).to_pylist()] == ["question 2", None]
+    # read once per process: a later task (a fresh copy of the stage) finds it read
+    assert worker_instructions(cfg) is worker_instructions(cfg.model_copy())
     ids = [f"p{i}" for i in range(5000)]  # more than one chunk of ids
     assert missing_instructions(cfg, iter(ids)) == [f"p{i}" for i in range(1, 5000, 2)]
