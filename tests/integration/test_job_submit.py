@@ -52,7 +52,7 @@ def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> su
     ]  # fmt: skip
     # A fresh head's job server answers before its dashboard agent has registered, and then refuses jobs
     # with "No available agent to submit job, please try again later": as it says, try again.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded machine (CI runners) registers the agent late
     while True:
         result = subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in result.stdout + result.stderr or time.monotonic() > deadline:
