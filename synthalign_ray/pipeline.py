@@ -225,13 +225,8 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             "(instructions.on_missing=drop drops those rows instead)"
         )
     check_same_config(cfg, output, overwrite)
-    done = store.committed_ids(output)
-    retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
     prompts_uri = store.join(output, store.PROMPTS_FILE)
-    todo_rows = (table.filter(~done.contains(digests(table["id"].to_pylist()))) for table in prompt_rows(cfg.prompts, cfg.seed, check))
-    todo = store.write_row_groups(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
-    if len(done):
-        log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
+    todo = write_todo_prompts(cfg, check, output, prompts_uri)
     # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
     manifest = {
         "config": cfg.model_dump(mode="json"),
@@ -280,6 +275,19 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             near_miss_margin=settings.near_miss_margin,
         )
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
+
+
+def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, prompts_uri: str) -> int:
+    """Writes the valid prompts with no committed outcome in `output` (all but a resume's done rows) to
+    `prompts_uri`, in row groups of one block each; how many. Its failed shards go: their rows are to do.
+    A function of its own so the done ids (16 MB at 1M rows) are freed before the run starts."""
+    done = store.committed_ids(output)
+    retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
+    todo_rows = (table.filter(~done.contains(digests(table["id"].to_pylist()))) for table in prompt_rows(cfg.prompts, cfg.seed, check))
+    todo = store.write_row_groups(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
+    if len(done):
+        log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
+    return todo
 
 
 def lost_rows(prompts, written: IdSet):
