@@ -20,9 +20,11 @@
     Data's default budget, half of this machine's object store, would let every block queue ahead of
     them) and `resources.blocks_per_wave` (Ray Data's driver keeps tens of KB per block of an execution).
     8 GPUs, because the blocks in flight grow with the replicas (one or more per replica): 10K rows in
-    1000-row blocks fill 8 GPUs' pools, not 256's. The real model-free stages move ~400-500 rows/s on
-    this machine's 2 cores, so 1M rows take about 40 minutes here; `--memory-rows 10000 100000` is the
-    short version.
+    1000-row blocks give every pool of 8 GPUs work, not 256's. They are still fewer blocks (10) than the
+    pipeline holds in flight once full (about 20 here), so the 10K object store peak is of a pipeline
+    filling up; the run's log has a MEMORY_SAMPLE line every 10 s to see where the peaks are. The real
+    model-free stages move ~300-500 rows/s on this machine's 2 cores, so 1M rows take about an hour
+    here; `--memory-rows 10000 100000` is the short version.
 (c) Cost. GPU-hours and spot / on-demand cost per 10K pairs from the profile: ideal (every GPU busy all
     the time: sum over stages of GPUs / rows/s), the plan at each GPU count (GPUs of the plan x time at
     its bound: replicas of faster stages idle part of the time), and as simulated in (a).

@@ -48,11 +48,13 @@ TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
 # (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
 LIGHT = ["images.guidance_scales=[5,7]", "images.steps=2", "resources.rows_per_block=4"]
 # Runs the CLI in the subprocess and prints the driver's own peak RSS and the object store's peak bytes
-# in use (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up), whatever the outcome.
+# in use (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up), whatever the outcome;
+# every 10 s it logs both (MEMORY_SAMPLE lines on stderr, the run's log).
 DRIVER = """
 import resource, sys, threading, time
 from synthalign_ray.cli import app
 peak = [0]
+samples = [0]
 def poll():
     import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
@@ -64,7 +66,12 @@ def poll():
                 state = None
                 continue
             state = state or get_state_from_address(ray.get_runtime_context().gcs_address)
-            peak[0] = max(peak[0], get_memory_info_reply(state).store_stats.object_store_bytes_used)
+            used = get_memory_info_reply(state).store_stats.object_store_bytes_used
+            peak[0] = max(peak[0], used)
+            samples[0] += 1
+            if samples[0] % 20 == 0:  # every 10 s, into the log: where in the run the peaks are
+                rss = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))
+                print(f"MEMORY_SAMPLE time={time.time():.0f} object_store_bytes={used} driver_rss_kib={rss}", file=sys.stderr, flush=True)
         except Exception:
             state = None
 threading.Thread(target=poll, daemon=True).start()
