@@ -15,6 +15,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
@@ -226,11 +227,17 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending)
 
 
-def row_groups(uri: str) -> Iterator[pa.Table]:
-    """The row groups of a Parquet file, one table each."""
+@contextmanager
+def parquet_file(uri: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file at a URI, open for reading its metadata and row groups inside the block."""
     fs, path = filesystem(uri)
     with fs.open_input_file(path) as stream:
-        file = pq.ParquetFile(stream)
+        yield pq.ParquetFile(stream)
+
+
+def row_groups(uri: str) -> Iterator[pa.Table]:
+    """The row groups of a Parquet file, one table each."""
+    with parquet_file(uri) as file:
         for i in range(file.num_row_groups):
             yield file.read_row_group(i)
 
@@ -246,9 +253,7 @@ class RowGroupDatasource(Datasource):
     def __init__(self, uri: str, groups: range | None = None):
         super().__init__()
         self.uri = uri
-        fs, path = filesystem(uri)
-        with fs.open_input_file(path) as stream:
-            file = pq.ParquetFile(stream)
+        with parquet_file(uri) as file:
             self.schema = file.schema_arrow
             self.groups = groups if groups is not None else range(file.num_row_groups)
             self.sizes = [(file.metadata.row_group(i).num_rows, file.metadata.row_group(i).total_byte_size) for i in self.groups]
@@ -271,9 +276,8 @@ class RowGroupDatasource(Datasource):
 
 
 def read_row_group(uri: str, index: int) -> list[pa.Table]:
-    fs, path = filesystem(uri)
-    with fs.open_input_file(path) as stream:
-        return [pq.ParquetFile(stream).read_row_group(index)]
+    with parquet_file(uri) as file:
+        return [file.read_row_group(index)]
 
 
 def read_table(uri: str) -> pa.Table:
