@@ -21,12 +21,18 @@ def digests(ids: Iterable[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype=DIGEST)
 
 
+def locate(sorted_unique: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `values`: its index in `sorted_unique` (a sorted array without repeats), and whether
+    it is there (where not, the index means nothing)."""
+    if not len(sorted_unique):
+        return np.zeros(len(values), dtype=np.intp), np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return at, sorted_unique[at] == values
+
+
 def contains(sorted_unique: np.ndarray, values: np.ndarray) -> np.ndarray:
     """For each of `values`, whether it is in `sorted_unique` (a sorted array without repeats)."""
-    if not len(sorted_unique):
-        return np.zeros(len(values), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
-    return sorted_unique[at] == values
+    return locate(sorted_unique, values)[1]
 
 
 class IdSet:
@@ -66,7 +72,9 @@ class IdCollector:
         self.size = 0
 
     def add(self, ids: Iterable[str]) -> None:
-        values = digests(ids)
+        self.add_digests(digests(ids))
+
+    def add_digests(self, values: np.ndarray) -> None:
         end = self.size + len(values)
         if end > len(self.buffer):
             grown = np.empty(max(end, 2 * len(self.buffer)), DIGEST)

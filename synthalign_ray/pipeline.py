@@ -255,9 +255,9 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             executions.append(progress.run_stats(dataset))
         ray.kill(attempts)
     execution = progress.add_run_stats(executions)
-    outcomes = store.output_counts(output, expected_rows=check.rows)
-    if todo and record_lost_rows(output, prompts_uri, outcomes.written):
-        outcomes = store.output_counts(output, expected_rows=check.rows)
+    outcomes = store.output_counts(output, check.ids)
+    if todo and record_lost_rows(output, prompts_uri, outcomes):
+        outcomes = store.output_counts(output, check.ids)
     counts = accounting(output, check, outcomes, this_run=sink.counts, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
         counts=counts, **execution, waves=len(waves), ray_version=ray.__version__, seconds=round(time.time() - started, 2), complete=True
@@ -290,7 +290,7 @@ def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, p
     return todo
 
 
-def lost_rows(prompts, written: IdSet):
+def lost_rows(prompts, written: IdSet | store.Outcomes):
     """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows."""
     import pyarrow as pa
 
@@ -301,7 +301,7 @@ def lost_rows(prompts, written: IdSet):
     return lost
 
 
-def record_lost_rows(output: str, prompts_uri: str, written: IdSet) -> int:
+def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes) -> int:
     """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
     total = 0
     for block in store.row_groups(prompts_uri):
@@ -314,13 +314,16 @@ def record_lost_rows(output: str, prompts_uri: str, written: IdSet) -> int:
 
 
 def accounting(output: str, check: PromptCheck, outcomes: store.Outcomes, this_run: dict, input_ids: Iterable[str]) -> dict[str, Any]:
-    """Counts over the whole output (all runs of it), checked: every valid input id (`check.ids`) there
-    exactly once. `input_ids` (lazy: read only to name rows with no outcome) are those ids."""
+    """Counts over the whole output (all runs of it), checked: every valid input id (`check.ids`, which
+    `outcomes` is counted against) there exactly once. `input_ids` (lazy: read only to name rows with no
+    outcome) are those ids."""
+    if outcomes.input_ids != check.ids:
+        raise ValueError("accounting needs the outcomes counted against the check's ids: store.output_counts(output, check.ids)")
     if outcomes.duplicates:
         raise AccountingError(f"{output}: ids written more than once: {outcomes.duplicates[:10]}")
-    missing = outcomes.written.missing(check.ids)
+    missing = outcomes.missing()
     if missing:
-        examples = (i for i in input_ids if not outcomes.written.contains(digests([i]))[0])
+        examples = (i for i in input_ids if not outcomes.contains(digests([i]))[0])
         raise AccountingError(f"{output}: {missing} input rows have no outcome, e.g. {list(itertools.islice(examples, 10))}")
     status = outcomes.counts["status"]
     return {
@@ -333,6 +336,6 @@ def accounting(output: str, check: PromptCheck, outcomes: store.Outcomes, this_r
         "dropped_by_reason": outcomes.counts["drop_reason"],
         "failed_by_stage": outcomes.counts["failed_stage"],
         # Rows of earlier runs of this output whose prompts are not in this input (e.g. a lower limit).
-        "outside_input": len(outcomes.written) - check.rows,
+        "outside_input": len(outcomes.outside_input),
         "processed_this_run": sum(this_run["status"].values()),
     }

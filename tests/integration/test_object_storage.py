@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from synthalign_ray import store
-from synthalign_ray.ids import IdSet
+from synthalign_ray.ids import IdSet, digests
 
 BUCKET = "synthalign-test"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -87,9 +87,10 @@ def test_store_operations_of_a_run_on_each_uri_form(form, s3_endpoint, tmp_path,
     assert store.read_json(store.join(output, store.MANIFEST)) == {"complete": False}
     assert [s.rsplit("/", 1)[1] for s in store.list_shards(store.join(output, "pairs"))] == ["part-a.parquet"]
     assert store.committed_ids(output) == IdSet.of(["p1", "p2", "p3"])  # failed rows are retried by a resume
-    outcomes = store.output_counts(output)
+    outcomes = store.output_counts(output, IdSet.of(["p1", "p2", "p3", "p4", "p5"]))
     assert outcomes.counts["status"] == {"ok": 2, "dropped": 1, "failed": 1}
-    assert outcomes.written == IdSet.of(["p1", "p2", "p3", "p4"]) and outcomes.duplicates == []
+    assert outcomes.contains(digests(["p1", "p2", "p3", "p4", "p5"])).tolist() == [True] * 4 + [False]
+    assert outcomes.missing() == 1 and outcomes.duplicates == []
     assert store.remove_shards(store.join(output, "failed")) == 1
     assert store.list_shards(store.join(output, "failed")) == []
     # No temporary file of the atomic writes is left behind.

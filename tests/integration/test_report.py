@@ -96,7 +96,7 @@ def run_folder(tmp_path_factory):
     sink.write([table.slice(0, 17), table.slice(17)], SimpleNamespace(task_idx=0))
     ids = [row["id"] for row in prompts]
     check = PromptCheck(bad=[], ids=IdSet.of(ids), duplicate_lines=set(), last_line=len(ids))
-    counts = accounting(run, check, store.output_counts(run), this_run=store.empty_counts(), input_ids=ids)
+    counts = accounting(run, check, store.output_counts(run, check.ids), this_run=store.empty_counts(), input_ids=ids)
     store.write_json(store.join(run, store.MANIFEST), {"counts": counts, "models": {"images.model": "zoo:diffusion"},
                                                       "config": {"seed": 0}, "versions": {"ray": "2.60.0"}, "complete": True})  # fmt: skip
     return run

@@ -1,11 +1,14 @@
-"""Model-free parts of fault handling: idempotent shard names, rows of lost blocks, pool placement."""
+"""Model-free parts of fault handling: idempotent shard names, rows of lost blocks, pool placement, and
+the exactly-once accounting over an output folder."""
 
+import pyarrow as pa
+import pytest
 
 from synthalign_ray import store
-from synthalign_ray.ids import IdSet
-from synthalign_ray.pipeline import LOST_STAGE, lost_rows
+from synthalign_ray.ids import IdSet, digests
+from synthalign_ray.pipeline import LOST_STAGE, AccountingError, accounting, lost_rows
 from synthalign_ray.stages.common import ActorPoolConfig
-from synthalign_ray.stages.prompts import prompts_table
+from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
 
 def prompts(ids):
@@ -52,3 +55,44 @@ def test_run_resources_reach_ray_data():
     default = DataContext()
     configure_data_context(default, ResourcesConfig())
     assert default.execution_options.resource_limits == DataContext().execution_options.resource_limits  # Ray's own
+
+
+def outcome_rows(ids, status, drop_reason=None):
+    n = len(ids)
+    return pa.table({"id": ids, "status": [status] * n, "drop_reason": [drop_reason] * n, "failed_stage": [None] * n},
+                    schema=pa.schema([(c, pa.string()) for c in ("id", "status", "drop_reason", "failed_stage")]))  # fmt: skip
+
+
+def check_of(ids):
+    return PromptCheck(bad=[], ids=IdSet.of(ids), duplicate_lines=set(), last_line=len(ids))
+
+
+def write_outputs(run, shards):
+    for number, (folder, table) in enumerate(shards):
+        store.write_table(store.join(run, folder, f"part-{number}.parquet"), table)
+
+
+def test_accounting_counts_every_input_id_once_and_names_what_breaks_it(tmp_path):
+    run = str(tmp_path / "run")
+    inputs = ["a", "b", "c", "d"]
+    write_outputs(run, [("pairs", outcome_rows(["a", "b"], "ok")), ("dropped", outcome_rows(["c"], "dropped", "tie")),
+                        ("failed", outcome_rows(["d"], "failed")), ("pairs", outcome_rows(["old"], "ok"))])  # fmt: skip
+    check = check_of(inputs)
+    outcomes = store.output_counts(run, check.ids)
+    assert outcomes.times_written.tolist() == [1, 1, 1, 1] and outcomes.outside_input == IdSet.of(["old"])
+    assert outcomes.contains(digests(["a", "old", "zz"])).tolist() == [True, True, False]
+    counts = accounting(run, check, outcomes, this_run=store.empty_counts(), input_ids=inputs)
+    assert (counts["rows"], counts["pairs"], counts["dropped"], counts["failed"]) == (4, 3, 1, 1)
+    assert counts["dropped_by_reason"] == {"tie": 1} and counts["outside_input"] == 1  # an earlier run's row
+
+    # an input id with no row is named
+    more = check_of([*inputs, "e"])
+    with pytest.raises(AccountingError, match=r"1 input rows have no outcome, e.g. \['e'\]"):
+        accounting(run, more, store.output_counts(run, more.ids), this_run=store.empty_counts(), input_ids=[*inputs, "e"])
+    # ids written twice are named, in the input or outside it
+    write_outputs(run, [("failed", outcome_rows(["b", "old"], "failed"))])
+    with pytest.raises(AccountingError, match=r"ids written more than once: \['b', 'old'\]"):
+        accounting(run, check, store.output_counts(run, check.ids), this_run=store.empty_counts(), input_ids=inputs)
+    # outcomes counted against other ids cannot be checked against this input
+    with pytest.raises(ValueError, match="counted against the check's ids"):
+        accounting(run, check, store.output_counts(run), this_run=store.empty_counts(), input_ids=inputs)
