@@ -19,11 +19,12 @@
     budget: with model stages this fast the 2 cores' model-free stages are the bottleneck, and Ray
     Data's default budget, half of this machine's object store, would let every block queue ahead of
     them) and `resources.blocks_per_wave` (Ray Data's driver keeps tens of KB per block of an execution).
-    8 GPUs, because the blocks in flight grow with the replicas (one or more per replica): 10K rows in
-    1000-row blocks give every pool of 8 GPUs work, not 256's. They are still fewer blocks (10) than the
-    pipeline holds in flight once full (about 20 here), so the 10K object store peak is of a pipeline
-    filling up; the run's log has a MEMORY_SAMPLE line every 10 s to see where the peaks are. The real
-    model-free stages move ~300-500 rows/s on this machine's 2 cores, so 1M rows take about an hour
+    8 GPUs, because the blocks in flight grow with the replicas (one or more per replica). 250-row blocks
+    and a 4 MiB budget, so that the 10K run (40 blocks, ~13 MiB of simulated rows) is held at the budget
+    like the 1M run, and the ratio measures growth with rows: with 1000-row blocks and 16 MiB, the 10K
+    run's 10 blocks never filled the pipeline (12.8 MiB vs a steady 15-18 MiB median at 1M). The peak
+    is of a spiky series (the run's log has a MEMORY_SAMPLE line every 10 s to see where). The
+    model-free stages move ~250-450 rows/s on this machine's 2 cores, so 1M rows take over an hour
     here; `--memory-rows 10000 100000` is the short version.
 (c) Cost. GPU-hours and spot / on-demand cost per 10K pairs from the profile: ideal (every GPU busy all
     the time: sum over stages of GPUs / rows/s), the plan at each GPU count (GPUs of the plan x time at
@@ -62,8 +63,8 @@ def main() -> None:
     parser.add_argument("--max-blocks-per-s", type=float, default=3.0, help="(a): Ray Data blocks per second here at most")
     parser.add_argument("--memory-rows", type=int, nargs=2, default=[10_000, 1_000_000], metavar=("SMALL", "LARGE"))
     parser.add_argument("--memory-gpus", type=int, default=8)
-    parser.add_argument("--memory-block", type=int, default=1000, help="(b): rows per block")
-    parser.add_argument("--memory-budget-mib", type=float, default=16, help="(b): resources.object_store_memory")
+    parser.add_argument("--memory-block", type=int, default=250, help="(b): rows per block")
+    parser.add_argument("--memory-budget-mib", type=float, default=4, help="(b): resources.object_store_memory")
     parser.add_argument("--memory-wave", type=int, default=100, help="(b): resources.blocks_per_wave")
     parser.add_argument("--skip", choices=["scheduling", "memory", "cost"], nargs="*", default=[])
     args = parser.parse_args()
