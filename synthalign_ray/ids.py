@@ -55,11 +55,6 @@ class IdSet:
         """For each digest of `values`, whether its id is in the set."""
         return contains(self.digests, values)
 
-    def missing(self, other: IdSet, chunk: int = 1 << 16) -> int:
-        """How many ids of `other` are not in this set. In chunks: a lookup makes an index and a copy of
-        the digests it looks up (24 bytes an id), which for a million ids is a 24 MB peak at once."""
-        return sum(int((~self.contains(other.digests[start : start + chunk])).sum()) for start in range(0, len(other), chunk))
-
 
 class IdCollector:
     """Gathers the digests of ids in chunks (e.g. one per shard) into an IdSet, finding repeats.

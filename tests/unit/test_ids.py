@@ -17,8 +17,6 @@ def test_idset_membership_is_set_membership():
         ids = IdSet.of(held)
         assert len(ids) == len(set(held))
         assert ids.contains(digests(asked)).tolist() == [i in set(held) for i in asked]
-        assert ids.missing(IdSet.of(asked)) == len(set(asked) - set(held))
-        assert [ids.missing(IdSet.of(asked), chunk) for chunk in (1, 3)] == [len(set(asked) - set(held))] * 2
     assert IdSet().contains(digests(["a"])).tolist() == [False]
     assert IdSet.of(["a", "b"]) == IdSet.of(["b", "a", "a"]) != IdSet.of(["a"])
 
