@@ -59,11 +59,11 @@ class IdSet:
 class IdCollector:
     """Gathers the digests of ids in chunks (e.g. one per shard) into an IdSet, finding repeats.
 
-    One buffer, sized for `expected` ids and doubled when they are more, sorted in place at the end: the
-    peak is the digests themselves, not a list of chunks plus their concatenation."""
+    One buffer, doubled when full, sorted in place at the end: the peak is the digests themselves, not a
+    list of chunks plus their concatenation."""
 
-    def __init__(self, expected: int = 0):
-        self.buffer = np.empty(expected, DIGEST)
+    def __init__(self):
+        self.buffer = np.empty(0, DIGEST)
         self.size = 0
 
     def add(self, ids: Iterable[str]) -> None:

@@ -1,7 +1,6 @@
 """Id sets as sorted digests: membership, repeats, first lines, against Python sets on random ids."""
 
 import numpy as np
-import pytest
 
 from synthalign_ray.ids import IdCollector, IdSet, SeenIds, digests
 
@@ -21,9 +20,8 @@ def test_idset_membership_is_set_membership():
     assert IdSet.of(["a", "b"]) == IdSet.of(["b", "a", "a"]) != IdSet.of(["a"])
 
 
-@pytest.mark.parametrize("expected", [0, 1, 7, 100])  # the buffer grows past a wrong guess
-def test_collector_finds_ids_added_more_than_once_across_chunks(expected):
-    collector = IdCollector(expected)
+def test_collector_finds_ids_added_more_than_once_across_chunks():
+    collector = IdCollector()  # its buffer grows with every chunk here
     for chunk in (["a", "b"], ["c", "a"], [], ["d", "d", "e"]):
         collector.add(chunk)
     ids, repeated = collector.result()
