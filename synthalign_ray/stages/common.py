@@ -288,7 +288,10 @@ class RowStage:
         if injected_faults(self.name, CRASHES_ENV) & ids:
             log.error("%s: injected crash on %s: exiting the process", self.name, sorted(ids))
             os._exit(1)
-        time.sleep(injected_delay(self.name, ids))
+        delay = injected_delay(self.name, ids)
+        if delay:
+            log.warning("%s: injected delay on %s: %g s", self.name, sorted(ids), delay)
+            time.sleep(delay)
         faulty = injected_faults(self.name) & ids
         if faulty:
             raise InjectedFault(f"injected fault in {self.name} for {sorted(faulty)}")

@@ -28,7 +28,7 @@ from tests.ray_head import ray_env, stop_head
 pytestmark = pytest.mark.slow
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
 # Blocks of 2 in file order: [art, school], [transport, weather], [daily, industrial].
-STUCK_ROW = "daily-0001"  # on the node to be lost, the image stage hangs on its block until the node goes
+STUCK_ROW = "art-0001"  # on the node to be lost, the image stage hangs on its block (often the first) until the node goes
 CRASH_ROW = "transport-0001"  # its block kills the image scorer every time
 IMAGES_ON_DIFFUSION_NODE = "images.pool={min_actors: 1, max_actors: 1, num_cpus: 1, resources: {diffusion_node: 1}}"
 CRASH_RETRIES = 2
@@ -58,12 +58,24 @@ def monkeypatch_module():
         yield patch
 
 
-def generate(address: str, out: Path, *sets: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--output", str(out)]
-    for item in (f"resources.ray_address={address}", *sets):
-        command += ["--set", item]
-    log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def generate():
+    """Starts `synthalign generate` on the cluster; a run the test leaves running is killed after it, so a
+    failed test cannot hold the cluster's resources through the next one."""
+    processes = []
+
+    def start(address: str, out: Path, *sets: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--output", str(out)]
+        for item in (f"resources.ray_address={address}", *sets):
+            command += ["--set", item]
+        with open(out.parent / f"{out.name}.log", "w") as log:
+            processes.append(subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True))
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()
 
 
 def finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> tuple[dict, str]:
@@ -77,16 +89,18 @@ def rows(out: Path, folder: str) -> list[dict]:
     return [row for shard in sorted((out / folder).glob("*.parquet")) for row in pq.read_table(shard, columns=["id", "status", "failed_stage", "error"]).to_pylist()]
 
 
-def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, tmp_path):
+def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, generate, tmp_path):
     cluster, common = cluster
     doomed = cluster.add_node(
         num_cpus=1, resources={"diffusion_node": 1}, env_vars={"SYNTHALIGN_INJECT_DELAYS": f"images:{STUCK_ROW}=900"}, **common
     )
     out = tmp_path / "node-lost"
     process = generate(cluster.address, out, IMAGES_ON_DIFFUSION_NODE)
+    # The node goes once the stuck block is in its image stage. Not at the first shard: the blocks reach
+    # the one image replica in any order, and those queued behind the stuck block wait with it.
     deadline = time.time() + 400
-    while not list((out / "pairs").glob("*.parquet")) + list((out / "dropped").glob("*.parquet")):
-        assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before its first shard"
+    while f"images: injected delay on ['{STUCK_ROW}'" not in (out.parent / f"{out.name}.log").read_text():
+        assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before the stuck block"
         time.sleep(0.5)
     committed_before = {row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)}
     cluster.remove_node(doomed, allow_graceful=False)  # preempted: SIGKILL, no drain
@@ -95,14 +109,14 @@ def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, tmp_path):
     manifest, _ = finish(process, out)
     written = [row["id"] for folder in ("pairs", "dropped", "failed") for row in rows(out, folder)]
     assert sorted(written) == PROMPT_IDS  # each prompt once: nothing lost, nothing written twice
-    assert STUCK_ROW not in committed_before and committed_before  # the node went with work in flight
+    assert STUCK_ROW not in committed_before  # the node went with work in flight
     counts = manifest["counts"]
     assert counts["pairs"] + counts["dropped"] + counts["failed"] == len(PROMPT_IDS)
     # Ray re-ran the lost node's work elsewhere: no row had to be given up.
     assert counts["failed"] == 0, rows(out, "failed")
 
 
-def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(cluster, tmp_path):
+def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(cluster, generate, tmp_path):
     cluster, _ = cluster
     out = tmp_path / "crashes"
     process = generate(
