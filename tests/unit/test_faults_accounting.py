@@ -1,12 +1,14 @@
 """Model-free parts of fault handling: idempotent shard names, rows of lost blocks, pool placement, and
 the exactly-once accounting over an output folder."""
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
 from synthalign_ray import store
 from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.pipeline import LOST_STAGE, AccountingError, accounting, lost_rows
+from synthalign_ray.pipeline import LOST_STAGE, AccountingError, accounting, lost_rows, release_freed_memory
 from synthalign_ray.stages.common import ActorPoolConfig
 from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
@@ -40,6 +42,19 @@ def test_pool_placement_reaches_ray_data():
     assert "accelerator_type" not in plain and "resources" not in plain  # Ray's own defaults
     # Ray Data's own retry policy stays: a replica lost with its node is resubmitted without limit.
     assert "max_task_retries" not in plain and "max_restarts" not in plain
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from Linux's /proc")
+def test_release_freed_memory_returns_the_freed_heap_to_the_os():
+    def rss_mib() -> float:
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS")) / 1024
+
+    chunks = [bytes(4000) for _ in range(12_800)]  # 50 MB of malloc'd chunks (over pymalloc's 512 B)
+    pinned = bytes(4000)  # above them on the heap (alive to the end): glibc keeps the chunks freed below
+    del chunks
+    held = rss_mib()
+    release_freed_memory()
+    assert held - rss_mib() > 30
 
 
 def test_run_resources_reach_ray_data():
