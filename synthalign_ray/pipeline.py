@@ -227,6 +227,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     check_same_config(cfg, output, overwrite)
     prompts_uri = store.join(output, store.PROMPTS_FILE)
     todo = write_todo_prompts(cfg, check, output, prompts_uri)
+    release_freed_memory()  # before Ray's start, which would otherwise grow the heap past it
     # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
     manifest = {
         "config": cfg.model_dump(mode="json"),
@@ -250,7 +251,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
         for number, wave in enumerate(waves, start=1):
             if len(waves) > 1:
                 log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.groups))
-            release_freed_memory()  # what the prompt passes, Ray's start or the last wave freed
+            release_freed_memory()  # what Ray's start or the last wave freed
             dataset = build(cfg, wave)
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
             executions.append(progress.run_stats(dataset))
