@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthalign_ray import store
@@ -144,7 +145,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     operators = [StageStats(**stage) for stage in result.manifest["stages"] if stage["rows_in"] is not None]
     pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
 
-    alone = stages_alone(cfg, store.read_table(store.join(output, store.PROMPTS_FILE)), str(work / "stages-alone"))
+    alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, store.PROMPTS_FILE))), str(work / "stages-alone"))
     slowest = min(alone, key=lambda s: s.rows_per_s)
     # "responses (all LVLMs)" repeats the work of the per-LVLM stages: counted once, through them.
     shared_bound = 1 / sum(1 / s.rows_per_s for s in alone if s.stage != "responses (all LVLMs)")

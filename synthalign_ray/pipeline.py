@@ -85,17 +85,17 @@ def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
             zoo.resolve(ref)
 
 
-def prompt_blocks(prompts: store.RowGroupDatasource):
-    """The pipeline's input: (a wave of) the run's prompts file, one block per row group, each read when
-    the stream is ready for it."""
+def prompt_blocks(prompts: store.BlockFileDatasource):
+    """The pipeline's input: (a wave of) the run's prompts file, block by block, each read when the
+    stream is ready for it."""
     import ray
 
-    # As many blocks as row groups: with fewer read tasks than its default parallelism, Ray Data would
+    # As many blocks as the file's: with fewer read tasks than its default parallelism, Ray Data would
     # split each block (SplitBlocks) and the blocks would no longer be `rows_per_block` rows.
-    return ray.data.read_datasource(prompts, override_num_blocks=max(1, len(prompts.groups)), num_cpus=LIGHT_STAGE_CPUS)
+    return ray.data.read_datasource(prompts, override_num_blocks=max(1, len(prompts.blocks)), num_cpus=LIGHT_STAGE_CPUS)
 
 
-def build_dataset(cfg: SynthAlignConfig, prompts: store.RowGroupDatasource):
+def build_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource):
     """The pipeline over (a wave of) the run's prompts file (`prompt_blocks`)."""
 
     def pure(stage):
@@ -243,14 +243,14 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     init_ray(cfg.resources, cfg.chat_models().values())
 
     sink = store.StatusSplitDatasink(output)
-    waves = store.RowGroupDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
+    waves = store.BlockFileDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
     executions = []
     if waves:
         configure_data_context(ray.data.DataContext.get_current(), cfg.resources)
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
         for number, wave in enumerate(waves, start=1):
             if len(waves) > 1:
-                log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.groups))
+                log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.blocks))
             release_freed_memory()  # what Ray's start or the last wave freed
             dataset = build(cfg, wave)
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
@@ -297,12 +297,12 @@ def release_freed_memory() -> None:
 
 def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, prompts_uri: str) -> int:
     """Writes the valid prompts with no committed outcome in `output` (all but a resume's done rows) to
-    `prompts_uri`, in row groups of one block each; how many. Its failed shards go: their rows are to do.
+    `prompts_uri`, in blocks of `rows_per_block` rows; how many. Its failed shards go: their rows are to do.
     A function of its own so the done ids (16 MB at 1M rows) are freed before the run starts."""
     done = store.committed_ids(output)
     retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
     todo_rows = (table.filter(~done.contains(digests(table["id"].to_pylist()))) for table in prompt_rows(cfg.prompts, cfg.seed, check))
-    todo = store.write_row_groups(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
+    todo = store.write_blocks(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
     if len(done):
         log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
     return todo
@@ -322,7 +322,7 @@ def lost_rows(prompts, written: IdSet | store.Outcomes):
 def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes) -> int:
     """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
     total = 0
-    for block in store.row_groups(prompts_uri):
+    for block in store.read_blocks(prompts_uri):
         lost = lost_rows(block, written)
         if lost.num_rows:
             log.warning("%d rows were lost with their block and are recorded failed, e.g. %s", lost.num_rows, lost["id"][:5].to_pylist())

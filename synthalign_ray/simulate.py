@@ -224,7 +224,7 @@ def simulated_pools(cfg: SynthAlignConfig, profile: Profile, replicas: dict[str,
     return pools
 
 
-def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.RowGroupDatasource, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
+def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
     """`pipeline.build_dataset`'s graph with every model stage a simulated pool (same order, same
     model-free stages, same blocks)."""
     from ray.data import ActorPoolStrategy

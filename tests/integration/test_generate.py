@@ -86,7 +86,7 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     # to write, handled exactly those rows.
     stages = manifest["stages"]
     # the source reads the run's prompts file in whole blocks (Ray Data splits none: no SplitBlocks)
-    assert stages[0]["stage"] == "ReadRowGroup" and stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
+    assert stages[0]["stage"] == "ReadBlockFile" and stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
     assert any(stage["stage"] == "MapBatches(ImageGenerator)" for stage in stages)
     assert all(stage["rows_out"] == 3 for stage in stages)
     assert 0 < manifest["execution_seconds"] <= manifest["seconds"]

@@ -68,4 +68,4 @@ def test_waves_run_one_after_the_other_and_add_up(tmp_path):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["waves"] == 3 and manifest["counts"]["pairs"] == ROWS
     assert [stage["rows_out"] for stage in manifest["stages"]] == [ROWS] * len(manifest["stages"])
-    assert manifest["stages"][0]["stage"] == "ReadRowGroup" and manifest["stages"][-1]["stage"].endswith("Write")
+    assert manifest["stages"][0]["stage"] == "ReadBlockFile" and manifest["stages"][-1]["stage"].endswith("Write")

@@ -44,7 +44,7 @@ def dataset(number, op, parents=(), total_s=40.0, uuid="ds"):
 
 def pipeline_stats():
     """The chain Ray reports after `write_datasink`: source <- images (actors) <- fused pairs + write."""
-    source = dataset(0, operator("ReadRowGroup", 6, rows_in=0, wall_s=0.0, busy_s=0.01))
+    source = dataset(0, operator("ReadBlockFile", 6, rows_in=0, wall_s=0.0, busy_s=0.01))
     images = dataset(1, operator("MapBatches(ImageGenerator)", 6, rows_in=6, wall_s=10.0, busy_s=9.0), [source])
     # A write operator's output is one result row per write task (3 here), not the 6 rows it wrote.
     write = operator("MapBatches(PairBuilder)->Write", 3, rows_in=6, wall_s=8.0, busy_s=2.5)
@@ -53,7 +53,7 @@ def pipeline_stats():
 
 def test_stages_come_source_first_with_rows_times_and_rates():
     stages = stage_stats(pipeline_stats())
-    assert [s.stage for s in stages] == ["ReadRowGroup", "MapBatches(ImageGenerator)", "MapBatches(PairBuilder)->Write"]
+    assert [s.stage for s in stages] == ["ReadBlockFile", "MapBatches(ImageGenerator)", "MapBatches(PairBuilder)->Write"]
     source, images, write = stages
     assert source.rows_in is None and source.rows_out == 6 and source.rows_per_s == 0.0
     assert (images.rows_in, images.rows_out, images.wall_s, images.busy_s) == (6, 6, 10.0, 9.0)
@@ -69,16 +69,16 @@ def test_a_write_counts_the_rows_it_wrote_not_its_result_rows():
 
 
 def test_a_parent_shared_by_two_branches_is_listed_once():
-    source = dataset(0, operator("ReadRowGroup", 4, rows_in=0, wall_s=0.0, busy_s=0.0))
+    source = dataset(0, operator("ReadBlockFile", 4, rows_in=0, wall_s=0.0, busy_s=0.0))
     union = dataset(1, operator("Union", 8, rows_in=8, wall_s=1.0, busy_s=0.0), [source, source])
-    assert [s.stage for s in stage_stats(union)] == ["ReadRowGroup", "Union"]
+    assert [s.stage for s in stage_stats(union)] == ["ReadBlockFile", "Union"]
 
 
 def test_table_aligns_columns_and_states_the_run_time():
     stages = stage_stats(pipeline_stats())
     lines = format_table(stages, run_s=40.0).splitlines()
     assert lines[0].split() == ["stage", "rows", "in", "rows", "out", "wall", "s", "busy", "s", "rows/s", "%", "of", "run"]
-    assert lines[1].split() == ["ReadRowGroup", "-", "6", "0.00", "0.01", "0.00", "0.0"]
+    assert lines[1].split() == ["ReadBlockFile", "-", "6", "0.00", "0.01", "0.00", "0.0"]
     assert lines[2].split() == ["MapBatches(ImageGenerator)", "6", "6", "10.00", "9.00", "0.60", "25.0"]
     assert len({len(line) for line in lines[:4]}) == 1  # right-aligned numbers: every row as wide
     assert lines[4] == "execution time of the whole dataset: 40.00 s (stages overlap: they stream)"
