@@ -48,14 +48,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
 # (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
 LIGHT = ["images.guidance_scales=[5,7]", "images.steps=2", "resources.rows_per_block=4"]
-# Runs the CLI in the subprocess and prints the driver's own peak RSS and the object store's peak bytes
-# in use (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up), whatever the outcome;
-# every 10 s it logs both (MEMORY_SAMPLE lines on stderr, the run's log).
+# Runs the CLI in the subprocess and prints the driver's own peak RSS and the object store's bytes in use
+# (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up: every sample, and their peak),
+# whatever the outcome; every 10 s it logs both (MEMORY_SAMPLE lines on stderr, the run's log).
 DRIVER = """
 import resource, sys, threading, time
 from synthalign_ray.cli import app
-peak = [0]
-samples = [0]
+used_samples = []
 def poll():
     import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
@@ -68,9 +67,8 @@ def poll():
                 continue
             state = state or get_state_from_address(ray.get_runtime_context().gcs_address)
             used = get_memory_info_reply(state).store_stats.object_store_bytes_used
-            peak[0] = max(peak[0], used)
-            samples[0] += 1
-            if samples[0] % 20 == 0:  # every 10 s, into the log: where in the run the peaks are
+            used_samples.append(used)
+            if len(used_samples) % 20 == 0:  # every 10 s, into the log: where in the run the peaks are
                 rss = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))
                 print(f"MEMORY_SAMPLE time={time.time():.0f} object_store_bytes={used} driver_rss_kib={rss}", file=sys.stderr, flush=True)
         except Exception:
@@ -80,16 +78,20 @@ try:
     app(sys.argv[1:], standalone_mode=False)
 finally:
     print(f"DRIVER_PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
-    print(f"OBJECT_STORE_PEAK_BYTES={peak[0]}", flush=True)
+    print(f"OBJECT_STORE_SAMPLES_BYTES={','.join(map(str, used_samples))}", flush=True)
 """
 
 
 @dataclass
 class DriverRun:
     peak_rss_mib: float  # the driver process alone (getrusage RUSAGE_SELF), not Ray's workers
-    object_store_peak_mib: float
+    object_store_samples_mib: list[float]  # every 0.5 s while the driver's Ray was up
     seconds: float
     stdout: str
+
+    @property
+    def object_store_peak_mib(self) -> float:
+        return max(self.object_store_samples_mib, default=0.0)
 
 
 def run_driver(cli_args: list[str], log_path: Path) -> DriverRun:
@@ -99,12 +101,12 @@ def run_driver(cli_args: list[str], log_path: Path) -> DriverRun:
     with open(log_path, "w") as log:
         done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     seconds = time.perf_counter() - started
-    values = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith(("DRIVER_PEAK_RSS_KIB=", "OBJECT_STORE_PEAK_BYTES=")))
+    values = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith(("DRIVER_PEAK_RSS_KIB=", "OBJECT_STORE_SAMPLES_BYTES=")))
     if done.returncode != 0 or "DRIVER_PEAK_RSS_KIB" not in values:
         raise RuntimeError(f"synthalign {cli_args[0]} failed (exit {done.returncode}); see {log_path}")
     return DriverRun(
         peak_rss_mib=int(values["DRIVER_PEAK_RSS_KIB"]) / 1024,
-        object_store_peak_mib=int(values["OBJECT_STORE_PEAK_BYTES"]) / 1024**2,
+        object_store_samples_mib=[int(used) / 1024**2 for used in values["OBJECT_STORE_SAMPLES_BYTES"].split(",") if used],
         seconds=seconds,
         stdout=done.stdout,
     )
