@@ -23,9 +23,9 @@
     Both runs set the two bounds a million-row run needs: `resources.object_store_memory` (Ray Data's
     budget: with model stages this fast the 2 cores' model-free stages are the bottleneck, and Ray
     Data's default budget, half of this machine's object store, would let every block queue ahead of
-    them) and `resources.blocks_per_wave` (Ray Data's driver keeps tens of KB per block of an execution,
-    and Ray keeps ~0.3-1 MiB per execution after it ends). Waves of 400 blocks (100K rows) are as many
-    as a real run has: at the paper profile's rates 100K rows take 7 h on 64 GPUs and 1.7 h on 256.
+    them) and `resources.blocks_per_wave` (Ray Data's driver keeps tens of KB per block of an execution).
+    Waves of 100 blocks: waves of 400 (as long as a real run's: 100K rows are 7 h on 64 GPUs at the
+    paper profile's rates) left the driver no smaller at half of the 1M run and ran 30-45% slower here.
     8 GPUs, because the blocks in flight grow with the replicas (one or more per replica). 250-row blocks
     and a 4 MiB budget, so that the 10K run (40 blocks, ~13 MiB of simulated rows) is held at the budget
     like the 1M run, and the ratio measures growth with rows: with 1000-row blocks and 16 MiB, the 10K
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--memory-gpus", type=int, default=8)
     parser.add_argument("--memory-block", type=int, default=250, help="(b): rows per block")
     parser.add_argument("--memory-budget-mib", type=float, default=4, help="(b): resources.object_store_memory")
-    parser.add_argument("--memory-wave", type=int, default=400, help="(b): resources.blocks_per_wave")
+    parser.add_argument("--memory-wave", type=int, default=100, help="(b): resources.blocks_per_wave")
     parser.add_argument("--skip", choices=["scheduling", "memory", "cost"], nargs="*", default=[])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
