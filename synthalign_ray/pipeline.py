@@ -214,7 +214,6 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
     import ray
 
     started = time.time()
-    limit_malloc_arenas()
     check_chat_environment(cfg.chat_models())
     check = check_prompts(cfg.prompts)
     for bad in check.bad:
@@ -286,39 +285,14 @@ def release_freed_memory() -> None:
     passes over a million prompts left 75 MB of it in the driver, Ray's start and each Ray Data execution
     more. `malloc_trim` returns it; Arrow's pool keeps a little more. A no-op where libc has no
     `malloc_trim` (macOS, musl)."""
+    import ctypes
+
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    malloc_trim = _glibc_function("malloc_trim")
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
-
-
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's malloc.h
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
-    """Caps glibc's malloc arenas in this process (the driver) at `arenas`, unless `MALLOC_ARENA_MAX` is
-    set. glibc gives threads arenas of their own, up to 8 per core, and Ray's and Arrow's threads leave
-    each one fragmented: what `malloc_trim` cannot return, which grows with every Ray Data execution.
-    In plain Ray Data, 30 executions of 100 blocks grew the driver's RSS by 12.3 MiB with glibc's
-    default, 5.7 MiB with this cap, 4.2 MiB with `MALLOC_ARENA_MAX=2` in the environment (that also
-    covers arenas made before this call). In `simulate`, 60K rows in 3 waves peaked the same with and
-    without it (265.6 / 265.0 MiB); its worth at 1M rows, tens of waves, is not measured yet. Arenas made
-    earlier stay. A no-op where libc has no `mallopt`."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    mallopt = _glibc_function("mallopt")
-    if mallopt is not None:
-        mallopt(_M_ARENA_MAX, arenas)
-
-
-def _glibc_function(name: str):
-    """`name` from this process's C library, or None where it has none (macOS, musl)."""
-    import ctypes
-
-    return getattr(ctypes.CDLL(None), name, None)
 
 
 def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, prompts_uri: str) -> int:

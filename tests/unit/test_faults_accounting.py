@@ -1,10 +1,6 @@
 """Model-free parts of fault handling: idempotent shard names, rows of lost blocks, pool placement, and
 the exactly-once accounting over an output folder."""
 
-import ctypes
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,14 +8,7 @@ import pytest
 
 from synthalign_ray import store
 from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.pipeline import (
-    LOST_STAGE,
-    MALLOC_ARENAS,
-    AccountingError,
-    accounting,
-    lost_rows,
-    release_freed_memory,
-)
+from synthalign_ray.pipeline import LOST_STAGE, AccountingError, accounting, lost_rows, release_freed_memory
 from synthalign_ray.stages.common import ActorPoolConfig
 from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
@@ -66,40 +55,6 @@ def test_release_freed_memory_returns_the_freed_heap_to_the_os():
     held = rss_mib()
     release_freed_memory()
     assert held - rss_mib() > 30
-
-
-# In a fresh process: 8 threads each take a malloc arena of their own unless the cap is on; glibc's
-# malloc_stats (on stderr) lists the arenas.
-ARENAS_OF_8_THREADS = """
-import ctypes, sys, threading
-from synthalign_ray.pipeline import limit_malloc_arenas
-if sys.argv[1] == "cap":
-    limit_malloc_arenas()
-libc = ctypes.CDLL(None)
-started, done = threading.Barrier(9), threading.Event()
-def work():
-    libc.malloc(1000)
-    started.wait()
-    done.wait()
-threads = [threading.Thread(target=work) for _ in range(8)]
-for thread in threads:
-    thread.start()
-started.wait()
-libc.malloc_stats()
-done.set()
-"""
-
-
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_stats"), reason="glibc's malloc arenas")
-def test_limit_malloc_arenas_caps_the_arenas_threads_take():
-    def arenas(mode: str, **env: str) -> int:
-        environment = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env
-        done = subprocess.run([sys.executable, "-c", ARENAS_OF_8_THREADS, mode], env=environment, capture_output=True, text=True, check=True)
-        return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
-
-    assert arenas("none") > 8  # the main thread's and one per thread
-    assert arenas("cap") == MALLOC_ARENAS
-    assert arenas("cap", MALLOC_ARENA_MAX="4") == 4  # the user's setting wins
 
 
 def test_run_resources_reach_ray_data():
