@@ -49,7 +49,7 @@ TEMPLATE_INSTRUCTIONS = ["instructions.source=template"]
 # (b): fewer guidance scales and steps and bigger blocks, so 1000 prompts fit in minutes on 2 cores.
 LIGHT = ["images.guidance_scales=[5,7]", "images.steps=2", "resources.rows_per_block=4"]
 # Runs the CLI in the subprocess and prints the driver's own peak RSS and the object store's bytes in use
-# (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up: every sample, and their peak),
+# (polled every 0.5 s from Ray's own memory stats once the driver's Ray is up: every sample; DriverRun derives the peak),
 # whatever the outcome; every 10 s it logs both (MEMORY_SAMPLE lines on stderr, the run's log).
 DRIVER = """
 import resource, sys, threading, time
