@@ -72,14 +72,20 @@ class BatchAttempts:
 BATCH_ATTEMPTS_ACTOR = "synthalign-batch-attempts"
 
 
-def start_batch_attempts():
-    """The driver's BatchAttempts actor, on the driver's node (the head under `ray job submit`), where a
-    lost worker node cannot take it along; the stages' replicas find it by name within the job."""
+def on_driver_node():
+    """A Ray scheduling strategy: the driver's node (the head under `ray job submit`), where a lost worker
+    node cannot take the task or actor along."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(BatchAttempts).options(name=BATCH_ATTEMPTS_ACTOR, num_cpus=0, get_if_exists=True, scheduling_strategy=here)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def start_batch_attempts():
+    """The driver's BatchAttempts actor, `on_driver_node`; the stages' replicas find it by name within the job."""
+    import ray
+
+    actor = ray.remote(BatchAttempts).options(name=BATCH_ATTEMPTS_ACTOR, num_cpus=0, get_if_exists=True, scheduling_strategy=on_driver_node())
     return actor.remote()
 
 

@@ -67,5 +67,7 @@ def test_waves_run_one_after_the_other_and_add_up(tmp_path):
     simulate(output, "resources.rows_per_block=8", "resources.blocks_per_wave=5")  # 12 blocks: waves of 5, 5, 2
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["waves"] == 3 and manifest["counts"]["pairs"] == ROWS
+    # each wave was driven by a process of its own, which reported its peak memory
+    assert len(manifest["wave_process_peak_rss_mib"]) == 3 and all(mib > 0 for mib in manifest["wave_process_peak_rss_mib"])
     assert [stage["rows_out"] for stage in manifest["stages"]] == [ROWS] * len(manifest["stages"])
     assert manifest["stages"][0]["stage"] == "ReadBlockFile" and manifest["stages"][-1]["stage"].endswith("Write")
