@@ -14,8 +14,10 @@
     Printed: every stage's rate, the slowest, and pipeline rate / slowest stage rate (target >= 0.8).
 (b) Driver memory. `synthalign generate` in a subprocess on 100 and on 1000 prompts (a lighter config
     through --rss-set; every stage still runs); the subprocess prints its own peak RSS
-    (getrusage(RUSAGE_SELF): the driver process alone, not Ray's workers). Printed: both peaks and the
-    growth (target < 20%).
+    (getrusage(RUSAGE_SELF): the driver process alone, not Ray's workers), and the manifest has that of
+    the process that drove each wave's Ray Data execution (`pipeline.run_in_wave_process`). The driver
+    side's peak is the driver's plus the biggest wave process's. Printed: both sizes' and the growth
+    (target < 20%).
 
 The machine is shared and noisy: the ratios are from one run of this script.
 

@@ -63,9 +63,9 @@ class ResourcesConfig(StrictModel):
         None,
         ge=1,
         description="blocks per Ray Data execution: a run of more blocks goes in waves of this many, one "
-        "after the other. Ray Data's driver keeps tens of KB per block of an execution (per-block stats, "
-        "object ownership), so this bounds the driver's memory at millions of rows; each wave starts its "
-        "pools afresh (models load again) and drains before the next. None: one execution",
+        "after the other, each driven by a process of its own. That process keeps tens of KB per block of "
+        "its execution (per-block stats, object ownership), so this bounds its memory at millions of rows; "
+        "each wave starts its pools afresh (models load again) and drains before the next. None: one execution",
     )
     object_store_memory: int | None = Field(
         None,

@@ -6,7 +6,10 @@
                     -> StatusSplitDatasink (pairs/, dropped/, failed/)
 
 Every selection is row-local (the K images and M answers sit in list columns of their row), so there
-is no groupby, shuffle or driver-side collect: memory stays flat as the prompt count grows.
+is no groupby, shuffle or driver-side collect: memory stays flat as the prompt count grows. A run of
+more than `resources.blocks_per_wave` blocks goes in waves, one Ray Data execution each, and each
+execution is driven by a Ray worker process of its own (`run_in_wave_process`), so what an execution
+leaves behind goes with that process.
 
 Resume and exactly-once: the committed shards are the record of what is done. A rerun on the same
 output reads the ids of `pairs/` and `dropped/` (each shard is moved into place whole, so a killed run
