@@ -429,6 +429,38 @@ def calibrate(
     typer.echo(f"{output}: written ({profile.gpu})")
 
 
+@app.command()
+def doctor(
+    lock: Annotated[Optional[str], typer.Option("--lock", help="compare with this lock (default: the one scripts/install.sh installed)")] = None,
+):
+    """The installed stack's versions, and whether this environment still matches its lock (exit 1 if not)."""
+    from pathlib import Path
+
+    from synthalign_ray import lockfile, store
+
+    for name, version in store.package_versions().items():
+        typer.echo(f"{name:16s} {version}")
+    record = lockfile.install_record()
+    if lock is None and record is None:
+        typer.echo("lock: none recorded (this environment was not installed by scripts/install.sh); --lock names one")
+        return
+    repo = Path(lockfile.__file__).resolve().parents[1]
+    path = Path(lock) if lock else repo / record["lock"]
+    try:
+        entries = lockfile.read_lock(path)
+    except lockfile.LockError as e:
+        _fail(str(e))
+    drift = lockfile.installed_drift(entries)
+    for name, locked, installed in drift:
+        typer.secho(f"drift: {name} {installed or 'not installed'} (locked {locked})", fg="red")
+    if lock is None and lockfile.file_sha256(path) != record["sha256"]:
+        typer.secho(f"drift: {path} changed since this environment was installed; run scripts/install.sh again", fg="red")
+        drift.append(("lock", "", None))
+    if drift:
+        raise typer.Exit(1)
+    typer.echo(f"lock: {path} ({len(entries)} packages), all installed as locked")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()

@@ -102,6 +102,7 @@ def test_launcher_installs_the_repo_with_scripts_install_sh(name):
     assert {".venv", "runs", ".git"} <= set(config["rsync_exclude"])  # the repo goes up, not the laptop's venv
     install = [cmd for cmd in config["setup_commands"] if "scripts/install.sh" in cmd]
     assert len(install) == 1 and install[0].startswith(f"cd {mount} && ") and "bash scripts/install.sh" in install[0]
+    assert "PYTHON=python3.11 " in install[0]  # the Python the locks are resolved for (scripts/lock.sh)
     # Ray and the jobs' python are the venv's that install.sh made (the launcher sources ~/.bashrc).
     assert any(f"source {mount}/.venv/bin/activate" in cmd for cmd in config["setup_commands"])
     assert all("--head" in cmd or cmd == "ray stop" for cmd in config["head_start_ray_commands"])
@@ -207,10 +208,10 @@ def test_dockerfile_installs_the_project_with_scripts_install_sh():
     instructions = [line for line in lines if line and not line.startswith("#")]
     base = next(line for line in instructions if line.startswith("FROM "))
     major, minor = map(int, re.match(r"FROM python:(\d+)\.(\d+)", base).groups())
-    assert (major, minor) >= (3, 11)  # install.sh's minimum
+    assert (major, minor) == (3, 11)  # the Python the locks are resolved for (scripts/lock.sh)
     assert f"WORKDIR {IMAGE_ROOT}" in instructions
     copied = [word for line in instructions if line.startswith("COPY ") for word in line.split()[1:-1]]
-    assert {"pyproject.toml", "scripts/", "synthalign_ray/", "jobs/", "configs/"} <= set(copied)
+    assert {"pyproject.toml", "locks/", "scripts/", "synthalign_ray/", "jobs/", "configs/"} <= set(copied)
     assert all((REPO / source).exists() for source in copied)
     install = next(line for line in instructions if "scripts/install.sh" in line)
     venv = re.search(r"VENV=(\S+)", install).group(1)
