@@ -107,6 +107,40 @@ def pope_sample_logs(path: str) -> list[str]:
     return [newest[task][1] for task in sorted(newest)]
 
 
+# A line of lmms-eval's console log that reports an error: loguru's `TIME | ERROR    | module:function:line
+# - message`, coloured even when written to a pipe (lmms-eval adds stdout with colorize=True).
+LOG_ERROR = re.compile(r"^[^|]*\|\s*(?:ERROR|CRITICAL)\s*\|[^-]*-\s(?P<message>.*)$")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def log_errors(log: str) -> list[str]:
+    """The messages of lmms-eval's ERROR (and CRITICAL) log lines, in order."""
+    matches = (LOG_ERROR.match(ANSI_ESCAPE.sub("", line).strip()) for line in log.splitlines())
+    return [match["message"].strip() for match in matches if match]
+
+
+def lmms_eval_results(model_dir: str, log: str = "") -> dict[str, Any]:
+    """The `results` of the newest `*_results.json` lmms-eval wrote in a run's model folder
+    (OUTPUT_PATH/MODEL_VERSION). lmms-eval catches an error during evaluation, logs it and still exits 0
+    without writing that file (seen with filelock 4.3: "No module named 'filelock._api'"), so a missing
+    file is an error that carries the ERROR lines of the run's console log (`log`, its stdout and stderr)."""
+    fs, local = store.filesystem(model_dir)
+    from pyarrow import fs as pafs
+
+    files = []
+    if fs.get_file_info(local).type == pafs.FileType.Directory:
+        files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(local)) if i.base_name.endswith("_results.json"))
+    if not files:
+        errors = log_errors(log)
+        said = "; its log says: " + " | ".join(errors) if errors else ("; its log has no ERROR line" if log else "")
+        raise BenchmarkFileError(f"{model_dir}: lmms-eval wrote no results (*_results.json){said}")
+    path = store.join(model_dir, files[-1])
+    try:
+        return store.read_json(path)["results"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise BenchmarkFileError(f"{path}: not an lmms-eval results file ({error!r})") from None
+
+
 def rescore_pope_samples(path: str) -> dict[str, Any]:
     """Metrics of lmms-eval POPE sample logs (a file, or a folder: `pope_sample_logs`), computed with the
     official parser, per split (doc.category, else the file's task, else "all"), their mean, and

@@ -22,7 +22,7 @@ import pytest
 
 from synthalign_ray import zoo
 from synthalign_ray.evaluate.fixture import write_pope_fixture
-from synthalign_ray.evaluate.lmms_eval import sample_answer, write_pope_task
+from synthalign_ray.evaluate.lmms_eval import lmms_eval_results, sample_answer, write_pope_task
 from synthalign_ray.evaluate.metrics import pope_answer
 from synthalign_ray.evaluate.pope import LLAVA_POPE_SUFFIX, POPE_SPLITS
 from tests.vllm_server import vllm_server
@@ -81,7 +81,8 @@ def test_lmms_eval_on_a_vllm_server_and_rescore(tmp_path, llava_server):
     print(f"lmms-eval: {time.time() - started:.1f}s")
 
     model_dir = out / SERVED
-    results = json.loads(next(model_dir.glob("*_results.json")).read_text())["results"]
+    # lmms-eval exits 0 after an error during evaluation without writing results: this fails with its ERROR lines.
+    results = lmms_eval_results(str(model_dir), run.stdout + run.stderr)
     logs = {split: next(model_dir.glob(f"*_samples_synthalign_pope_{split}.jsonl")) for split in POPE_SPLITS}
     questions = {
         split: [json.loads(line) for line in (fixture / "questions" / f"coco_pope_{split}.json").read_text().splitlines()] for split in POPE_SPLITS

@@ -10,7 +10,15 @@ import json
 import pytest
 
 from synthalign_ray.evaluate.fixture import write_pope_fixture
-from synthalign_ray.evaluate.lmms_eval import main, rescore_pope_samples, sample_answer, task_split, write_pope_task
+from synthalign_ray.evaluate.lmms_eval import (
+    lmms_eval_results,
+    log_errors,
+    main,
+    rescore_pope_samples,
+    sample_answer,
+    task_split,
+    write_pope_task,
+)
 from synthalign_ray.evaluate.pope import BenchmarkFileError
 
 
@@ -150,3 +158,35 @@ def test_write_pope_task_errors_name_the_file(tmp_path):
         write_pope_task(str(fixture / "questions"), str(fixture / "images"), tmp_path / "tasks")
     assert main(["pope-task", "--question-dir", str(fixture / "questions"), "--image-dir", str(fixture / "images"), "--output", str(tmp_path / "t")]) == 2
     assert not (tmp_path / "t").exists()
+
+
+# lmms-eval 0.7.3's console output when an evaluation fails: loguru lines coloured on a pipe, the traceback
+# on stderr, exit code 0 and no results file (as with filelock 4.3).
+FAILED_RUN_LOG = (
+    "\x1b[32m2026-12-06 09:14:02\x1b[0m | \x1b[1mINFO    \x1b[0m | \x1b[36mlmms_eval.__main__\x1b[0m:\x1b[36mcli_evaluate\x1b[0m:\x1b[36m516\x1b[0m - \x1b[1mVerbosity set to INFO\x1b[0m\n"
+    "Traceback (most recent call last):\n"
+    "ModuleNotFoundError: No module named 'filelock._api'\n"
+    "\x1b[32m2026-12-06 09:14:09\x1b[0m | \x1b[31m\x1b[1mERROR   \x1b[0m | \x1b[36mlmms_eval.__main__\x1b[0m:\x1b[36mcli_evaluate\x1b[0m:\x1b[36m614\x1b[0m - "
+    "\x1b[31m\x1b[1mError during evaluation: No module named 'filelock._api'. Please set `--verbosity=DEBUG` to get more information.\x1b[0m\n"
+)
+
+
+def test_a_run_that_wrote_no_results_is_an_error_with_lmms_evals_own_message(tmp_path):
+    assert log_errors(FAILED_RUN_LOG) == [
+        "Error during evaluation: No module named 'filelock._api'. Please set `--verbosity=DEBUG` to get more information."
+    ]
+    model_dir = tmp_path / "trained"
+    model_dir.mkdir()
+    with pytest.raises(BenchmarkFileError, match=r"trained: lmms-eval wrote no results \(\*_results.json\); its log says: Error during evaluation: No module named 'filelock._api'"):
+        lmms_eval_results(str(model_dir), FAILED_RUN_LOG)
+    with pytest.raises(BenchmarkFileError, match=r"no results \(\*_results.json\); its log has no ERROR line$"):
+        lmms_eval_results(str(model_dir), "INFO only\n")
+    with pytest.raises(BenchmarkFileError, match=r"missing: lmms-eval wrote no results"):
+        lmms_eval_results(str(tmp_path / "missing"))
+    # The newest results file (lmms-eval's date prefix) is the run's.
+    (model_dir / "20261206_091400_results.json").write_text(json.dumps({"results": {"pope": {"old": 1}}}))
+    (model_dir / "20261206_101400_results.json").write_text(json.dumps({"results": {"pope": {"new": 1}}}))
+    assert lmms_eval_results(str(model_dir), FAILED_RUN_LOG) == {"pope": {"new": 1}}
+    (model_dir / "20261206_111400_results.json").write_text("{}")
+    with pytest.raises(BenchmarkFileError, match=r"20261206_111400_results.json: not an lmms-eval results file"):
+        lmms_eval_results(str(model_dir))
