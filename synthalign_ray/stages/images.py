@@ -48,8 +48,10 @@ class ImagesConfig(StrictModel):
         return scales
 
 
-def per_image_guidance(scales: list[float]):
-    """A (N, 1, 1, 1) guidance tensor that diffusers pipelines accept in place of a float."""
+def per_image_guidance(scales: list[float], device, dtype):
+    """A (N, 1, 1, 1) guidance tensor that diffusers pipelines accept in place of a float, on the
+    pipeline's device and in its dtype: a float32 CPU tensor would upcast the guided noise prediction,
+    so a half-precision pipeline fails at its next layer, and on a GPU it sits on the wrong device."""
     import torch
 
     class PerImageGuidance(torch.Tensor):
@@ -63,7 +65,7 @@ def per_image_guidance(scales: list[float]):
             out = super().__torch_function__(func, types, args, kwargs or {})
             return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
 
-    return torch.tensor(scales, dtype=torch.float32).view(-1, 1, 1, 1).as_subclass(PerImageGuidance)
+    return torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1, 1).as_subclass(PerImageGuidance)
 
 
 class ImageGenerator(RowStage):
@@ -90,7 +92,7 @@ class ImageGenerator(RowStage):
         if self.cfg.batch_guidance:
             prompts = [row["t2i_prompt"] for row in rows for _ in scales]
             seeds = [image_seed(row["seed"], k) for row in rows for k in range(len(scales))]
-            images = self._render(prompts, seeds, per_image_guidance(scales * len(rows)))
+            images = self._render(prompts, seeds, per_image_guidance(scales * len(rows), self.pipe.device, self.pipe.dtype))
         else:
             by_scale = [
                 self._render(

@@ -43,7 +43,14 @@ def generator():
     return ImageGenerator(ImagesConfig(model="zoo:diffusion", steps=3, height=64, width=64))
 
 
-def test_batched_guidance_matches_one_call_per_scale(generator):
+# Largest and mean |batched - per-scale| in uint8 levels, measured on this machine's CPU (3 prompts x 4
+# scales, 3 steps, 64 px): float32 1 / 0.0001, float16 1 / 0.006, bfloat16 6 / 0.028. Half precision
+# rounds differently when the 4 scales share one batch; the guidance itself is exact (5, 7, 9 and 11
+# are exact in both half types). Limits leave room over those figures.
+@pytest.mark.parametrize("dtype, largest, mean", [("float32", 1, 0.01), ("float16", 2, 0.05), ("bfloat16", 8, 0.1)])
+def test_batched_guidance_matches_one_call_per_scale(generator, dtype, largest, mean):
+    if dtype != "float32":  # the paper's precisions: the guidance tensor must follow the pipeline's dtype
+        generator = ImageGenerator(ImagesConfig(model="zoo:diffusion", steps=3, height=64, width=64, dtype=dtype))
     table = rows(["a red boat on a lake", "a metro train crossing a bridge", "children in a classroom"])
     batched = generator(table).to_pylist()
     generator.cfg = generator.cfg.model_copy(update={"batch_guidance": False})
@@ -51,10 +58,13 @@ def test_batched_guidance_matches_one_call_per_scale(generator):
         per_scale = generator(table).to_pylist()
     finally:
         generator.cfg = generator.cfg.model_copy(update={"batch_guidance": True})
+    differences = []
     for a, b in zip(batched, per_scale):
+        assert a["error"] is None and b["error"] is None, (a["error"], b["error"])
         assert a["guidance_scales"] == [5.0, 7.0, 9.0, 11.0] and len(a["candidate_images"]) == 4
-        for image_a, image_b in zip(a["candidate_images"], b["candidate_images"]):
-            assert np.abs(pixels(image_a) - pixels(image_b)).max() <= 1  # uint8 rounding only
+        differences += [np.abs(pixels(x) - pixels(y)) for x, y in zip(a["candidate_images"], b["candidate_images"])]
+    assert max(d.max() for d in differences) <= largest
+    assert np.mean([d.mean() for d in differences]) <= mean
 
 
 def test_images_depend_on_seed_and_scale_not_on_batch(generator):
