@@ -14,7 +14,7 @@ only when the lowercased answer equals "yes"/"no" exactly, and its yes-ratio is 
 `rescore_pope_samples` re-reads its per-sample logs (`<date>_samples_<task>.jsonl`, written with
 --log_samples: one JSON object per line with `target`, `filtered_resps` (and `resps` when they differ),
 the `pope_*` records, and `doc` in versions before 0.7, which drop it) and scores the raw answers with
-`metrics.pope_answer`, per POPE split: `doc.category` where the log has it, else the task in the file
+`metrics.pope_prediction` (LLaVA's strip, then the official parser), per POPE split: `doc.category` where the log has it, else the task in the file
 name (`pope_random`, `pope_pop`, `pope_adv`: lmms-lab/POPE's splits; `synthalign_pope_<split>`), else
 "all" (lmms-eval's `pope` task mixes the three splits in one log without `doc`). Given a folder, it reads
 the newest log of every POPE task in it.
@@ -47,7 +47,7 @@ from typing import Any
 
 from synthalign_ray import store
 from synthalign_ray.evaluate.common import BenchmarkFileError, image_location
-from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
+from synthalign_ray.evaluate.metrics import pope_metrics, pope_prediction
 from synthalign_ray.evaluate.pope import HEADLINE_METRICS, LLAVA_POPE_SUFFIX, POPE_SPLITS, PopeConfig, read_questions
 
 
@@ -173,7 +173,7 @@ def rescore_pope_samples(path: str) -> dict[str, Any]:
             raise BenchmarkFileError(f"{file}: no samples")
     splits = {}
     for split, rows in sorted(by_split.items()):
-        splits[split] = pope_metrics([pope_answer(answer) for answer, _, _ in rows], [label for _, label, _ in rows])
+        splits[split] = pope_metrics([pope_prediction(answer) for answer, _, _ in rows], [label for _, label, _ in rows])
         splits[split]["lmms_eval_exact_match_accuracy"] = sum(lowered == label for _, label, lowered in rows) / len(rows)
     mean = {}
     for name in HEADLINE_METRICS:

@@ -49,6 +49,13 @@ def pope_answer(text: str) -> str:
     return YES
 
 
+def pope_prediction(generated: str) -> str:
+    """The prediction LLaVA's POPE evaluation makes of a generated answer: model_vqa_loader.py strips the
+    decoded text before it writes the answer file, then eval_pope.py parses it (`pope_answer`). Without
+    the strip, "\nNo." would count as "yes"."""
+    return pope_answer(generated.strip())
+
+
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
     """POPE's metrics of parsed predictions ("yes"/"no") against labels ("yes"/"no"), positive class "yes".
 
@@ -280,7 +287,7 @@ def amber_response(text: str) -> str:
     """A free-form answer as AMBER's scorer expects it ("Yes" or "No", compared exactly), through the
     POPE parser. AMBER's own script compares the raw response, so callers must normalize; we do it
     the POPE way rather than count every "Yes." as wrong."""
-    return "No" if pope_answer(text) == NO else "Yes"
+    return "No" if pope_prediction(text) == NO else "Yes"
 
 
 _AMBER_COUNTERS = ("n", "correct", "truth_no", "correct_no", "said_no", "said_no_right")

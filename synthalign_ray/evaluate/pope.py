@@ -1,5 +1,5 @@
 """POPE (Li et al. 2023): yes/no object-existence questions, answered by an LVLM as Ray Data batch
-inference on vLLM, scored with the official parser (`metrics.pope_answer`).
+inference on vLLM, scored as LLaVA scores it: the answer stripped, then the official parser (`metrics.pope_prediction`).
 
 Input, in POPE's own format (AoiDragon/POPE output/coco/coco_pope_{random,popular,adversarial}.json,
 JSON lines despite the extension), one file per split:
@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from synthalign_ray import store
 from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_text
-from synthalign_ray.evaluate.metrics import pope_answer, pope_metrics
+from synthalign_ray.evaluate.metrics import pope_metrics, pope_prediction
 from synthalign_ray.stages.common import StrictModel
 
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -139,7 +139,7 @@ def predictions(questions: list[dict[str, Any]], answers: dict[str, dict[str, st
             {
                 "split": q["split"], "question_id": q["question_id"], "image_file": q["image_file"], "label": q["label"],
                 "question": q["text"], "answer": answer["answer"], "finish_reason": answer["finish_reason"],
-                "prediction": pope_answer(answer["answer"]),
+                "prediction": pope_prediction(answer["answer"]),
             }
         )  # fmt: skip
     return pa.Table.from_pylist(rows)

@@ -21,7 +21,7 @@ from synthalign_ray import zoo
 from synthalign_ray.cli import app
 from synthalign_ray.evaluate.amber import read_resources
 from synthalign_ray.evaluate.fixture import IMAGES, write_amber_fixture, write_chair_fixture, write_mmhal_fixture, write_pope_fixture
-from synthalign_ray.evaluate.metrics import ChairVocabulary, amber_discriminative, amber_generative, amber_response, chair_metrics, pope_answer, pope_metrics
+from synthalign_ray.evaluate.metrics import ChairVocabulary, amber_discriminative, amber_generative, amber_response, chair_metrics, pope_metrics, pope_prediction
 from synthalign_ray.evaluate.mmhal import judge_rating, mmhal_scores
 from tests.conftest import REPO
 
@@ -76,7 +76,7 @@ def test_pope_chair_mmhal_amber_base_vs_trained(tmp_path, random_adapter):
         report = json.loads((output / label / "pope.json").read_text())
         predictions = pq.read_table(output / label / "pope_predictions.parquet").to_pylist()
         assert len(predictions) == 8 * len(SPLITS)  # 4 images x (1 yes + 1 no question) per split
-        assert all(row["prediction"] == pope_answer(row["answer"]) for row in predictions)
+        assert all(row["prediction"] == pope_prediction(row["answer"]) for row in predictions)
         assert all(row["question"].endswith("?") and row["finish_reason"] in ("stop", "length") for row in predictions)
         for split in SPLITS:
             rows = [row for row in predictions if row["split"] == split]

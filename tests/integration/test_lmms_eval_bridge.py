@@ -23,7 +23,7 @@ import pytest
 from synthalign_ray import zoo
 from synthalign_ray.evaluate.fixture import write_pope_fixture
 from synthalign_ray.evaluate.lmms_eval import lmms_eval_results, sample_answer, write_pope_task
-from synthalign_ray.evaluate.metrics import pope_answer
+from synthalign_ray.evaluate.metrics import pope_prediction
 from synthalign_ray.evaluate.pope import LLAVA_POPE_SUFFIX, POPE_SPLITS
 from tests.vllm_server import vllm_server
 
@@ -112,7 +112,7 @@ def test_lmms_eval_on_a_vllm_server_and_rescore(tmp_path, llava_server):
     for split, log in logs.items():
         samples = [json.loads(line) for line in log.read_text().splitlines()]
         ours = rescored["splits"][split]
-        predictions = [pope_answer(sample_answer(s)) for s in samples]
+        predictions = [pope_prediction(sample_answer(s)) for s in samples]
         assert ours["n"] == 8 and ours["tp"] + ours["fp"] == predictions.count("yes")
         assert ours["yes_ratio"] == predictions.count("yes") / 8  # of the predictions, not the labels
         # lmms-eval's own exact-match accuracy is what we report as such; its "yes_ratio" is the labels' (0.5).

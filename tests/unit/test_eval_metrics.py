@@ -17,6 +17,7 @@ from synthalign_ray.evaluate.metrics import (
     parse_synonyms,
     pope_answer,
     pope_metrics,
+    pope_prediction,
     singularize,
 )
 
@@ -47,6 +48,15 @@ ADVERSARIAL_ANSWERS = {
 @pytest.mark.parametrize(("answer", "expected"), list(ADVERSARIAL_ANSWERS.items()))
 def test_pope_parser_matches_the_official_scripts(answer, expected):
     assert pope_answer(answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("generated", "expected"),
+    [("\nNo.", "no"), ("No\n", "no"), ("  no", "no"), ("\n\nYes.", "yes"), ("\tNo", "no"), ("No\nthere is none", "yes")],
+)
+def test_pope_prediction_strips_the_generated_answer_as_llava_does(generated, expected):
+    # LLaVA's model_vqa_loader.py strips the decoded answer before eval_pope.py parses it.
+    assert pope_prediction(generated) == expected
 
 
 def test_pope_metrics_yes_ratio_is_over_predictions():

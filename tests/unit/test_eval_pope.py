@@ -18,6 +18,7 @@ from synthalign_ray.evaluate.pope import (
     PopeConfig,
     load_questions,
     pope_prompt,
+    predictions,
     read_questions,
     score,
 )
@@ -97,6 +98,13 @@ def test_missing_image_and_ambiguous_split_files(tmp_path):
         cfg.question_file("random")
     with pytest.raises(ValueError, match=r"no question file for split\(s\) \['random'\]"):
         PopeConfig(image_dir="x", splits=["random"])
+
+
+def test_predictions_parse_the_stripped_answer_and_keep_the_generated_text():
+    questions = [{"id": f"pope/random/{i}", "split": "random", "question_id": i, "image_file": "a.jpg", "label": "no", "text": "Is there a cat?"} for i in (1, 2)]
+    answers = {"pope/random/1": {"answer": "\nNo.", "finish_reason": "stop"}, "pope/random/2": {"answer": " Yes.", "finish_reason": "stop"}}
+    rows = predictions(questions, answers).to_pylist()
+    assert [(row["answer"], row["prediction"]) for row in rows] == [("\nNo.", "no"), (" Yes.", "yes")]
 
 
 def test_score_per_split_mean_and_pooled():
