@@ -88,7 +88,9 @@ class RunSettings(StrictModel):
 class TrainConfig(StrictModel):
     model: ModelRef = Field(description="base LVLM: zoo:NAME, a local folder, or a hub id")
     finetune: Literal["lora", "full"] = Field(
-        "lora", description="lora: reference = base with adapters disabled; full: a separate frozen reference copy"
+        "lora",
+        description="lora: reference = base with adapters disabled; full: the language model trained (vision tower and "
+        "projector frozen, as the paper) against a separate frozen reference copy",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dpo: DPOSettings = Field(default_factory=DPOSettings)

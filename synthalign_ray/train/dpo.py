@@ -5,7 +5,8 @@ Ray Train's TorchTrainer starts `train_worker` in every worker with torch.distri
 rank and DeepSpeed (configured through `DPOConfig(deepspeed=...)`) partitions optimizer states and
 gradients across them (ZeRO-2 by default, as the paper). With LoRA the reference model is the base
 model with its adapters disabled (TRL does this when `ref_model` is None for a PEFT model): no second
-copy. `finetune: full` trains every weight against a separate frozen copy.
+copy. `finetune: full` trains every language-model weight against a separate frozen copy; the vision
+tower and the projector stay frozen, as in the paper.
 
 Checkpoints: every `run.checkpoint_every` steps each worker hands its part of the HF checkpoint (rank 0
 the adapter and trainer state, every rank its ZeRO shards and RNG state) to `ray.train.report`, which
@@ -51,6 +52,29 @@ class LoraTargetError(ValueError):
 
 def is_vision_module(name: str) -> bool:
     return any(part in VISION_PARTS for part in name.split("."))
+
+
+def freeze_vision(model) -> list[str]:
+    """Freeze the vision tower and the projector, as the paper's full fine-tuning does (it tunes the
+    language model only); returns the names of the parameters frozen."""
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if is_vision_module(name):
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def policy_and_reference(model_path: str, cfg: TrainConfig):
+    """What DPOTrainer gets: (policy, reference model, PEFT config). LoRA: the base model and its LoRA
+    config, no reference (TRL disables the adapters for it). Full: the policy with its vision side
+    frozen (`freeze_vision`) and a separate copy as the reference."""
+    model = load_model(model_path, cfg)
+    if cfg.finetune == "lora":
+        lora_targets(model, cfg)
+        return model, None, lora_config(cfg)
+    freeze_vision(model)
+    return model, load_model(model_path, cfg), None
 
 
 def lora_config(cfg: TrainConfig):
@@ -228,13 +252,7 @@ def train_worker(job: dict[str, Any]) -> None:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
 
     set_seed(cfg.optim.seed)  # the same LoRA init on every worker and in every run
-    model = load_model(model_path, cfg)
-    ref_model, peft_config = None, None
-    if cfg.finetune == "lora":
-        lora_targets(model, cfg)
-        peft_config = lora_config(cfg)
-    else:
-        ref_model = load_model(model_path, cfg)
+    model, ref_model, peft_config = policy_and_reference(model_path, cfg)
 
     # A fresh local folder per worker and attempt: a crashed attempt's unregistered checkpoints must not
     # be mistaken for the latest one.

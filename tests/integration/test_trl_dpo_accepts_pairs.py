@@ -91,3 +91,36 @@ def test_dpo_trainer_takes_the_pairs_parquet_as_is(tmp_path, layout):
     assert losses and all(math.isfinite(loss) for loss in losses)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
     assert result.training_loss == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_full_fine_tuning_trains_the_language_model_only(tmp_path):
+    """`finetune: full` as train_worker sets it up (`policy_and_reference`): the vision tower and the
+    projector are frozen, and after one DPO step only language-model weights moved."""
+    import datasets
+    import torch
+    from transformers import AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    from synthalign_ray.train.config import load_train_config
+    from synthalign_ray.train.dpo import is_vision_module, policy_and_reference
+    from tests.conftest import REPO
+
+    built = PairBuilder(PairsConfig())(synthetic_rows(2))
+    store.write_table(str(tmp_path / "pairs" / "part-0.parquet"), store.with_hf_features(built))
+    dataset = datasets.load_dataset("parquet", data_files=str(tmp_path / "pairs" / "*.parquet"), split="train")
+    cfg = load_train_config(REPO / "configs" / "train_tiny.yaml", ["finetune=full"])
+    path = str(zoo.resolve(cfg.model))
+    torch.manual_seed(0)
+    model, reference, peft_config = policy_and_reference(path, cfg)
+    assert peft_config is None and reference is not None and reference is not model
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert {name.split(".")[1] for name in frozen} == {"vision_tower", "multi_modal_projector"}
+    assert all(p.requires_grad != is_vision_module(name) for name, p in model.named_parameters())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"), use_cpu=True, bf16=False, max_steps=1, per_device_train_batch_size=2, max_length=128,
+        learning_rate=1e-3, report_to=[], save_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=AutoProcessor.from_pretrained(path)).train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and all(name.startswith(("model.language_model.", "lm_head.")) for name in changed)
