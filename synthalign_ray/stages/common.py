@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -167,6 +168,10 @@ def resolve_model_path(ref: str) -> str:
     return snapshot_download(ref)
 
 
+class NoCudaDeviceError(RuntimeError):
+    """A stage's pool asks for GPUs, and its replica's torch sees none."""
+
+
 class ReplicasConfig(StrictModel):
     """How many replicas of a model an autoscaling Ray Data pool runs, and rows per batch."""
 
@@ -202,11 +207,21 @@ class ActorPoolConfig(ReplicasConfig):
         "crash; Ray restarts the replica and resubmits the batch) before its rows are recorded failed",
     )
 
-    def torch_device(self) -> str:
-        """Where a replica puts its model: on its GPU when the pool gives it one."""
+    def torch_device(self, stage: str) -> str:
+        """Where a replica of `stage` puts its model: on its GPU when the pool gives it one. A pool given
+        GPUs where torch sees no CUDA device (a CPU build of torch, a node without its driver) fails here,
+        naming the field: falling back to the CPU would run the stage about 100x slower, silently."""
         import torch
 
-        return "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.num_gpus == 0:
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise NoCudaDeviceError(
+                f"{stage}.pool.num_gpus is {self.num_gpus:g}, but torch {torch.__version__} sees no CUDA device on "
+                f"{socket.gethostname()} (built for CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): install the GPU stack there, or set {stage}.pool.num_gpus: 0"
+            )
+        return "cuda"
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         from ray.data import ActorPoolStrategy

@@ -52,7 +52,7 @@ class ImageScorer(RowStage):
 
         super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
-        self.device = cfg.pool.torch_device()
+        self.device = cfg.pool.torch_device(self.name)
         dtype = getattr(torch, cfg.dtype)
         tokenizer = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else None
         self.scorers = {

@@ -81,7 +81,7 @@ class ImageGenerator(RowStage):
 
         super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
-        self.device = cfg.pool.torch_device()
+        self.device = cfg.pool.torch_device(self.name)
         self.pipe = AutoPipelineForText2Image.from_pretrained(
             resolve_model_path(cfg.model), dtype=getattr(torch, cfg.dtype)
         ).to(self.device)

@@ -250,7 +250,7 @@ class ResponseScorer(RowStage):
 
         super().__init__(cfg.pool.max_batch_retries, cfg.pool.crash_retries)
         self.cfg = cfg
-        self.device = cfg.pool.torch_device()
+        self.device = cfg.pool.torch_device(self.name)
         path = resolve_model_path(cfg.model)
         config_json = json.loads((Path(path) / "config.json").read_text())
         check_remote_code(config_json, cfg.trust_remote_code, cfg.model)

@@ -191,3 +191,22 @@ def test_a_stage_called_in_process_does_not_start_ray():
     stage.crash_retries = 2  # as a model stage: it looks for the run's BatchAttempts actor
     assert batch_attempts() is None and stage(table(2)).column("doubled").to_pylist() == [0, 2]
     assert not ray.is_initialized()  # ray.get_actor would have started one (and left it running)
+
+
+def test_a_gpu_pool_where_torch_sees_no_cuda_fails_naming_the_field():
+    """A replica given a GPU by its pool but running a torch that sees none (this machine's CPU torch)
+    fails at start-up instead of running on the CPU, before any model is loaded."""
+    import pytest
+    import torch
+
+    from synthalign_ray.stages.common import NoCudaDeviceError
+    from synthalign_ray.stages.image_scores import ImageScorer, ImageScoresConfig
+    from synthalign_ray.stages.images import ImageGenerator, ImagesConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here")
+    with pytest.raises(NoCudaDeviceError, match=r"^images\.pool\.num_gpus is 1, but torch .* sees no CUDA device .* set images\.pool\.num_gpus: 0$"):
+        ImageGenerator(ImagesConfig(model="zoo:diffusion", pool={"num_gpus": 1}))
+    with pytest.raises(NoCudaDeviceError, match=r"^image_scores\.pool\.num_gpus is 0\.5, "):
+        ImageScorer(ImageScoresConfig(model="zoo:image-reward", pool={"num_gpus": 0.5}))
+    assert ImagesConfig(model="zoo:diffusion").pool.torch_device("images") == "cpu"
