@@ -8,11 +8,13 @@ inputs raise `ConfigError`, whose message names the file and the dotted field, e
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.stages.common import StrictModel
@@ -33,6 +35,10 @@ class ConfigError(ValueError):
     """A user error in a config file or override: printed without a traceback by the CLI."""
 
 
+# Environment variable names whose values must not be written down (resources.env is, in the manifest).
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+
+
 class ResourcesConfig(StrictModel):
     ray_address: str | None = Field(
         None,
@@ -45,7 +51,16 @@ class ResourcesConfig(StrictModel):
         description="CPUs of a local Ray of the run's own, started even if a `ray start` cluster runs on this "
         "machine; ignored when joining a cluster (ray_address or RAY_ADDRESS set)",
     )
-    env: dict[str, str] = Field(default_factory=dict, description="environment of every Ray worker")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of every Ray worker; the values are written to the manifest and the dataset "
+        "card, so a name that looks secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) is refused: use secret_env",
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="names of variables forwarded from the driver's (or the submitted job's) environment to "
+        "every Ray worker, e.g. HF_TOKEN for a gated hub model; only the names are ever written anywhere",
+    )
     rows_per_block: int = Field(
         16,
         ge=1,
@@ -75,6 +90,24 @@ class ResourcesConfig(StrictModel):
         "blocks. None: Ray Data's default, a share of the cluster's object store",
     )
 
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
+        secret = sorted(name for name in env if SECRET_NAME.search(name))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} {'looks like a secret' if len(secret) == 1 else 'look like secrets'}: values in "
+                "resources.env are written to the manifest and the dataset card; set the variable in the driver's "
+                "environment and list its name in resources.secret_env instead"
+            )
+        return env
+
+    def check_secret_environment(self) -> None:
+        """Every secret_env variable is set in this (the driver's) environment, before anything starts."""
+        missing = [name for name in self.secret_env if not os.environ.get(name)]
+        if missing:
+            raise ConfigError(f"resources.secret_env: {', '.join(missing)} not set in the driver's environment")
 
 class ReportSettings(StrictModel):
     """`synthalign report` at the end of `generate` (the same options as the command)."""

@@ -132,13 +132,14 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
 
     if ray.is_initialized():
         return
+    resources.check_secret_environment()
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} | resources.env
     if "SYNTHALIGN_ZOO" in os.environ:  # workers must find the same zoo as the driver
         env.setdefault("SYNTHALIGN_ZOO", os.environ["SYNTHALIGN_ZOO"])
-    # Endpoint keys go from the driver's environment to the workers' (never into the config or manifest).
-    for chat in chat_models:
-        if chat.api_key_env is not None:
-            env.setdefault(chat.api_key_env, os.environ[chat.api_key_env])
+    # Endpoint keys and resources.secret_env go from the driver's environment to the workers' (never into
+    # the config or manifest).
+    for name in [chat.api_key_env for chat in chat_models if chat.api_key_env is not None] + resources.secret_env:
+        env.setdefault(name, os.environ[name])
     # Under `ray job submit`, the job's runtime env already reaches every worker of the job, and ray.init
     # refuses an env var the job's runtime env sets too (e.g. SYNTHALIGN_ZOO in --runtime-env-json):
     # those are left to the job.
@@ -218,6 +219,7 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
 
     started = time.time()
     check_chat_environment(cfg.chat_models())
+    cfg.resources.check_secret_environment()
     check = check_prompts(cfg.prompts)
     for bad in check.bad:
         log.warning("%s: skipped %s", cfg.prompts.path, bad)

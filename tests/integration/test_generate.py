@@ -15,6 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 SYNTHALIGN = [sys.executable, "-m", "synthalign_ray.cli"]
+SECRET = "hf_synthalign-test-secret-0123456789"
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
 
 
@@ -40,10 +41,22 @@ def run_dir(tmp_path_factory):
     # First a run cut short (3 prompts), then the full command: it must resume, not redo.
     run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3")
     # The full run also writes the dataset card (report settings never make a run "another config").
-    result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "report={license: cc-by-4.0}")
+    # It also forwards a secret to the workers (resources.secret_env), which must end up in no output file.
+    result = run_cli(
+        "generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "report={license: cc-by-4.0}",
+        "--set", "resources.secret_env=[SYNTHALIGN_TEST_SECRET]", env=dict(os.environ, SYNTHALIGN_TEST_SECRET=SECRET),
+    )  # fmt: skip
     assert "3 processed this run" in result.stdout
     assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
     return out
+
+
+# Before any rerun without secret_env rewrites the manifest.
+def test_a_secret_env_value_is_written_nowhere(run_dir):
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "index.html" for p in files) and any(p.suffix == ".parquet" for p in files)
+    assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
+    assert json.loads((run_dir / "manifest.json").read_text())["config"]["resources"]["secret_env"] == ["SYNTHALIGN_TEST_SECRET"]
 
 
 def test_every_prompt_ends_exactly_once_as_pair_or_drop(run_dir):

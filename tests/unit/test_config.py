@@ -35,6 +35,9 @@ def test_overrides_are_yaml_values():
         ("prompts.path=/no/such/file.jsonl", "prompts.path: input file '/no/such/file.jsonl' does not exist"),
         ("images.steps", "expected KEY=VALUE"),
         ("seed.x=1", "seed is not a section"),
+        ("resources.env={HF_TOKEN: hf_abc}", "resources.env: HF_TOKEN looks like a secret: values in resources.env are written to the manifest"),
+        ("resources.env={AWS_SECRET_ACCESS_KEY: x, db_password: y, A: b}", "AWS_SECRET_ACCESS_KEY, db_password look like secrets"),
+        ("resources.env={HF_HUB_OFFLINE: '1'}", None),
     ],
 )
 def test_errors_name_the_file_and_field(override, expected):
@@ -97,3 +100,13 @@ def test_fingerprint_ignores_where_and_how_a_run_goes_but_not_what_it_makes():
     for override in ["images.steps=3", "pairs.rank_by=reward", "images.guidance_scales=[5,7]"]:
         changed = config_fingerprint(load_config(TINY, [override])) != base
         assert changed == (override != "pairs.rank_by=reward"), override  # rank_by=reward is the default
+
+
+def test_secret_env_names_must_be_set_in_the_drivers_environment(monkeypatch):
+    monkeypatch.delenv("SYNTHALIGN_TEST_SECRET", raising=False)
+    cfg = load_config(TINY, ["resources.secret_env=[SYNTHALIGN_TEST_SECRET, HOME]"])
+    with pytest.raises(ConfigError, match=r"^resources.secret_env: SYNTHALIGN_TEST_SECRET not set in the driver's environment$"):
+        cfg.resources.check_secret_environment()
+    monkeypatch.setenv("SYNTHALIGN_TEST_SECRET", "s3cr3t")
+    cfg.resources.check_secret_environment()
+    assert "s3cr3t" not in str(cfg.model_dump(mode="json"))  # only the name is in the config (and the manifest)
