@@ -86,6 +86,18 @@ class InputFileError(ValueError):
         self.bad = bad
 
 
+class NoPromptsError(InputFileError):
+    """A prompt file with no valid prompt: a run of it would make nothing and look like a success."""
+
+    def __init__(self, path: str, bad: list[BadRow]):
+        ValueError.__init__(
+            self,
+            f"{path}: no prompt to generate from"
+            + (f": all {len(bad)} row(s) are bad (first: {bad[0]})" if bad else " (the file has no rows)"),
+        )
+        self.bad = bad
+
+
 def content_id(text: str) -> str:
     """Stable id of a prompt without one: a hash of its text (not its line, which edits shift)."""
     return "p-" + hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -213,6 +225,8 @@ def check_prompts(cfg: PromptsConfig, chunk_rows: int = CHUNK_ROWS) -> PromptChe
         bad = sorted(bad + duplicate_rows(ids, duplicates), key=lambda b: b.line)
     if bad and cfg.on_bad_rows == "fail":
         raise InputFileError(cfg.path, bad, "set prompts.on_bad_rows=skip to skip them")
+    if valid == 0:
+        raise NoPromptsError(cfg.path, bad)
     return PromptCheck(bad=bad, ids=IdSet(seen.digests), duplicate_lines=set(duplicates), last_line=last_line)
 
 

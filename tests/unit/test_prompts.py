@@ -6,6 +6,7 @@ import pytest
 
 from synthalign_ray.stages.prompts import (
     InputFileError,
+    NoPromptsError,
     PromptsConfig,
     check_prompts,
     content_id,
@@ -158,3 +159,17 @@ def test_text_lines_end_where_the_file_says_and_bom_is_dropped(tmp_path):
     path.write_bytes("\ufeffa cat\r\na dog\rthird\n".encode())
     rows, bad = read_prompts(PromptsConfig(path=str(path)), 0)
     assert [(r["t2i_prompt"], r["source_line"]) for r in rows] == [("a cat", 1), ("a dog", 2), ("third", 3)]
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("empty.jsonl", "", r"empty.jsonl: no prompt to generate from \(the file has no rows\)$"),
+        ("blank.txt", "\n  \n", r"blank.txt: no prompt to generate from \(the file has no rows\)$"),
+        ("bad.jsonl", '{"id": "a"}\n{"id": "b", "prompt": " "}\n', r"bad.jsonl: no prompt to generate from: all 2 row\(s\) are bad \(first: line 1: "),
+    ],
+)
+def test_a_file_without_a_valid_prompt_is_an_error(tmp_path, name, text, message):
+    """A run of it would write nothing and exit 0, as if it had succeeded."""
+    with pytest.raises(NoPromptsError, match=message):
+        check_prompts(PromptsConfig(path=write(tmp_path, name, text), on_bad_rows="skip"))
