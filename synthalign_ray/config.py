@@ -90,7 +90,6 @@ class ResourcesConfig(StrictModel):
         "blocks. None: Ray Data's default, a share of the cluster's object store",
     )
 
-
     @field_validator("env")
     @classmethod
     def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
@@ -108,6 +107,7 @@ class ResourcesConfig(StrictModel):
         missing = [name for name in self.secret_env if not os.environ.get(name)]
         if missing:
             raise ConfigError(f"resources.secret_env: {', '.join(missing)} not set in the driver's environment")
+
 
 class ReportSettings(StrictModel):
     """`synthalign report` at the end of `generate` (the same options as the command)."""
