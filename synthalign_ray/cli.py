@@ -453,10 +453,10 @@ def doctor(
     drift = lockfile.installed_drift(entries)
     for name, locked, installed in drift:
         typer.secho(f"drift: {name} {installed or 'not installed'} (locked {locked})", fg="red")
-    if lock is None and lockfile.file_sha256(path) != record["sha256"]:
+    lock_changed = lock is None and lockfile.file_sha256(path) != record["sha256"]
+    if lock_changed:
         typer.secho(f"drift: {path} changed since this environment was installed; run scripts/install.sh again", fg="red")
-        drift.append(("lock", "", None))
-    if drift:
+    if drift or lock_changed:
         raise typer.Exit(1)
     typer.echo(f"lock: {path} ({len(entries)} packages), all installed as locked")
 

@@ -14,10 +14,10 @@ only when the lowercased answer equals "yes"/"no" exactly, and its yes-ratio is 
 `rescore_pope_samples` re-reads its per-sample logs (`<date>_samples_<task>.jsonl`, written with
 --log_samples: one JSON object per line with `target`, `filtered_resps` (and `resps` when they differ),
 the `pope_*` records, and `doc` in versions before 0.7, which drop it) and scores the raw answers with
-`metrics.pope_prediction` (LLaVA's strip, then the official parser), per POPE split: `doc.category` where the log has it, else the task in the file
-name (`pope_random`, `pope_pop`, `pope_adv`: lmms-lab/POPE's splits; `synthalign_pope_<split>`), else
-"all" (lmms-eval's `pope` task mixes the three splits in one log without `doc`). Given a folder, it reads
-the newest log of every POPE task in it.
+`metrics.pope_prediction` (LLaVA's strip, then the official parser), per POPE split: `doc.category`
+where the log has it, else the task in the file name (`pope_random`, `pope_pop`, `pope_adv`:
+lmms-lab/POPE's splits; `synthalign_pope_<split>`), else "all" (lmms-eval's `pope` task mixes the three
+splits in one log without `doc`). Given a folder, it reads the newest log of every POPE task in it.
 
 `write_pope_task` is the local-task route, for machines without the Hugging Face hub or for POPE's own
 files: it turns POPE question files (AoiDragon/POPE's JSON lines) and their images into an lmms-eval task

@@ -1,5 +1,6 @@
 """POPE (Li et al. 2023): yes/no object-existence questions, answered by an LVLM as Ray Data batch
-inference on vLLM, scored as LLaVA scores it: the answer stripped, then the official parser (`metrics.pope_prediction`).
+inference on vLLM, scored as LLaVA scores it: the answer stripped, then the official parser
+(`metrics.pope_prediction`).
 
 Input, in POPE's own format (AoiDragon/POPE output/coco/coco_pope_{random,popular,adversarial}.json,
 JSON lines despite the extension), one file per split:
