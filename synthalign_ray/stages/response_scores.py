@@ -14,11 +14,12 @@ micro-batches, right-padded with the model config's own pad id (ArmoRM finds eac
 as "the token before the first pad"), so padding never changes which token is scored; the score of an
 answer does not depend on the other answers it was batched with (up to float rounding).
 
-ArmoRM ships its own modeling code (`auto_map` in config.json). Its config says `model_type: llama`, so
-loading it without `trust_remote_code` does NOT fail in transformers: it silently builds a plain
-`LlamaForSequenceClassification` with a random 2-label head. Hence the explicit check below, which
-refuses such a folder unless `response_scores.trust_remote_code: true`, and the refusal of any load
-that leaves weights freshly initialised.
+ArmoRM ships its own modeling code (`auto_map` in config.json), which no longer imports under transformers 5.
+A folder whose `architectures` names ArmoRM's class loads into synthalign_ray.models.armorm instead, from the
+same files and without running their code. Any other folder with `auto_map` is refused unless
+`response_scores.trust_remote_code: true`: its config may say `model_type: llama`, and then transformers
+does NOT fail without remote code, it silently builds a plain `LlamaForSequenceClassification` with a
+random head. Any load that leaves weights freshly initialised is refused too.
 """
 
 from __future__ import annotations
@@ -44,9 +45,30 @@ DEFAULT_OBJECTIVES = ["helpfulness", "correctness", "coherence", "complexity", "
 # A short objective name prefers this source among the model's objectives ("helpfulness" is both
 # "helpsteer-helpfulness" and "ultrafeedback-helpfulness" in ArmoRM).
 PREFERRED_OBJECTIVE_SOURCE = "helpsteer"
-# Released ArmoRM keeps its objective names in the model card, not in config.json: a model of this
-# class with this many reward heads gets zoo.ARMO_OBJECTIVES (the card's list, in head order).
+# ArmoRM's architecture name: such a folder loads into synthalign_ray.models.armorm, never through its own code.
 ARMO_ARCHITECTURE = "LlamaForRewardModelWithGating"
+# RLHFlow/ArmoRM-Llama3-8B-v0.1's 19 reward objectives in head order, from its model card (config.json has none).
+ARMO_OBJECTIVES = [
+    "helpsteer-helpfulness",
+    "helpsteer-correctness",
+    "helpsteer-coherence",
+    "helpsteer-complexity",
+    "helpsteer-verbosity",
+    "ultrafeedback-overall_score",
+    "ultrafeedback-instruction_following",
+    "ultrafeedback-truthfulness",
+    "ultrafeedback-honesty",
+    "ultrafeedback-helpfulness",
+    "beavertails-is_safe",
+    "prometheus-score",
+    "argilla-overall_quality",
+    "argilla-judge_lm",
+    "code-complexity",
+    "code-style",
+    "code-explanation",
+    "code-instruction-following",
+    "code-readability",
+]
 # Probe conversation scored once at load: proves the template, the model's output kind and shapes.
 _PROBE = ("Describe the image.", "A dog runs in a park.")
 
@@ -56,7 +78,8 @@ class ResponseScoresConfig(StrictModel):
         description="reward model: zoo:NAME, local folder or hub id (paper: RLHFlow/ArmoRM-Llama3-8B-v0.1)"
     )
     trust_remote_code: bool = Field(
-        False, description="run the model folder's own Python code (ArmoRM needs it); only if you trust the folder"
+        False,
+        description="run the model folder's own Python code (not needed for ArmoRM); only if you trust the folder",
     )
     input_format: Literal["chat", "template"] = Field(
         "chat", description="chat: the tokenizer's chat template over [user, assistant]; template: `template`"
@@ -150,15 +173,21 @@ def chat_messages(instruction: str, answer: str) -> list[dict[str, str]]:
 
 
 def check_remote_code(config_json: dict[str, Any], trust_remote_code: bool, ref: str) -> None:
-    """Refuse a model folder that ships its own code (`auto_map`) unless the config trusts it explicitly."""
+    """Refuse a model folder that ships its own code (`auto_map`) unless the config trusts it explicitly.
+
+    ArmoRM's folders pass: the project's own module loads them (see the module docstring)."""
     auto_map = config_json.get("auto_map")
-    if auto_map and not trust_remote_code:
+    if auto_map and not trust_remote_code and not is_armorm(config_json):
         classes = ", ".join(f"{k}: {v}" for k, v in sorted(auto_map.items()))
         raise ValueError(
             f"reward model {ref!r} ships its own code (config.json auto_map: {classes}); without it transformers "
             "would load a different class with randomly initialised weights. Set response_scores.trust_remote_code: "
             "true if you trust this folder's code."
         )
+
+
+def is_armorm(config_json: dict[str, Any]) -> bool:
+    return ARMO_ARCHITECTURE in (config_json.get("architectures") or [])
 
 
 def resolve_objectives(requested: Sequence[str], available: Sequence[str]) -> list[int]:
@@ -200,8 +229,8 @@ def model_objective_names(config_json: dict[str, Any], num_rewards: int) -> list
                 f"config.json lists {len(names)} objective_names but the model gives {num_rewards} rewards"
             )
         return list(names)
-    if ARMO_ARCHITECTURE in (config_json.get("architectures") or []) and num_rewards == len(zoo.ARMO_OBJECTIVES):
-        return list(zoo.ARMO_OBJECTIVES)
+    if is_armorm(config_json) and num_rewards == len(ARMO_OBJECTIVES):
+        return list(ARMO_OBJECTIVES)
     return None
 
 
@@ -256,9 +285,14 @@ class ResponseScorer(RowStage):
         check_remote_code(config_json, cfg.trust_remote_code, cfg.model)
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, cfg.dtype), output_loading_info=True
-        )
+        if is_armorm(config_json):
+            from synthalign_ray.models.armorm import LlamaForRewardModelWithGating
+
+            load, remote_code = LlamaForRewardModelWithGating.from_pretrained, {}
+        else:
+            load = AutoModelForSequenceClassification.from_pretrained
+            remote_code = {"trust_remote_code": cfg.trust_remote_code}
+        model, info = load(path, dtype=getattr(torch, cfg.dtype), output_loading_info=True, **remote_code)
         if info.get("missing_keys"):
             raise ValueError(
                 f"reward model {cfg.model!r} loaded as {type(model).__name__} with freshly initialised weights "

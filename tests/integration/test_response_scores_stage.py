@@ -1,7 +1,9 @@
-"""The response-scores stage on the zoo reward models (ArmoRM-style with its own code, and a plain
-one-label LlamaForSequenceClassification), called directly on pyarrow tables: no Ray."""
+"""The response-scores stage on the zoo reward models (the ArmoRM twin, and a plain one-label
+LlamaForSequenceClassification), called directly on pyarrow tables: no Ray."""
 
+import json
 import math
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -10,9 +12,14 @@ from pydantic import ValidationError
 
 from synthalign_ray import zoo
 from synthalign_ray.stages.prompts import prompt_seed, prompts_table
-from synthalign_ray.stages.response_scores import DEFAULT_OBJECTIVES, ResponseScorer, ResponseScoresConfig
+from synthalign_ray.stages.response_scores import (
+    ARMO_OBJECTIVES,
+    DEFAULT_OBJECTIVES,
+    ResponseScorer,
+    ResponseScoresConfig,
+)
 
-ARMO = "zoo:reward-armo"
+ARMO = "zoo:armorm"
 SEQCLS = "zoo:reward-seqcls"
 RESPONSE_TYPE = pa.list_(
     pa.struct([("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())])
@@ -62,7 +69,7 @@ VALID = [[True, False, False], [True, True, False], None]
 @pytest.fixture(scope="module")
 def scorers():
     return {
-        ARMO: ResponseScorer(ResponseScoresConfig(model=ARMO, trust_remote_code=True)),
+        ARMO: ResponseScorer(ResponseScoresConfig(model=ARMO)),
         SEQCLS: ResponseScorer(ResponseScoresConfig(model=SEQCLS)),
     }
 
@@ -142,7 +149,7 @@ def test_armo_scores_are_the_model_card_usage(scorers, table):
         output = scorer.model(**inputs)
     assert row["response_scores"][0] == pytest.approx(output.score[0].item(), abs=1e-5)
     for k, name in enumerate(DEFAULT_OBJECTIVES):  # helpsteer-* are ArmoRM's first five heads
-        assert zoo.ARMO_OBJECTIVES[k] == f"helpsteer-{name}"
+        assert ARMO_OBJECTIVES[k] == f"helpsteer-{name}"
         assert row["response_objectives"][0][name] == pytest.approx(output.rewards[0, k].item(), abs=1e-5)
 
 
@@ -171,7 +178,7 @@ def test_template_input_format():
 
 
 def test_bad_rows_fail_alone_and_long_texts_are_truncated():
-    scorer = ResponseScorer(ResponseScoresConfig(model=ARMO, trust_remote_code=True, max_length=48))
+    scorer = ResponseScorer(ResponseScoresConfig(model=ARMO, max_length=48))
     long_answer = " ".join(["a dog runs in the park"] * 40)
     long_instruction = " ".join(["describe the image"] * 40)
     table = make_table(
@@ -189,17 +196,27 @@ def test_bad_rows_fail_alone_and_long_texts_are_truncated():
     assert empty["status"] == "ok" and empty["response_scores"] == [None, None]
 
 
-def test_remote_code_needs_explicit_trust(scorers):
-    zoo.build("reward-armo")
+def test_remote_code_needs_explicit_trust(tmp_path):
+    """A folder with its own code (auto_map) is refused unless trusted; ArmoRM's is not its code's business."""
+    folder = tmp_path / "custom-reward"
+    shutil.copytree(zoo.build("reward-seqcls"), folder)
+    config_json = json.loads((folder / "config.json").read_text())
+    config_json["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.CustomRewardModel"}
+    (folder / "config.json").write_text(json.dumps(config_json))
     # At config time, once the folder is on disk...
     with pytest.raises(ValidationError, match=r"response_scores\.trust_remote_code"):
-        ResponseScoresConfig(model=ARMO)
-    unchecked = ResponseScoresConfig(model=ARMO, trust_remote_code=True).model_copy(update={"trust_remote_code": False})
+        ResponseScoresConfig(model=str(folder))
+    unchecked = ResponseScoresConfig(model=str(folder), trust_remote_code=True).model_copy(
+        update={"trust_remote_code": False}
+    )
     with pytest.raises(ValueError, match=r"response_scores\.trust_remote_code"):
         unchecked.check_remote_code()  # e.g. again after the driver built the zoo models
     # ...and at load time, in the actor (e.g. a hub model fetched only there).
     with pytest.raises(ValueError, match=r"ships its own code.*response_scores\.trust_remote_code: true"):
         ResponseScorer(unchecked)
+    # ArmoRM's folder names modeling_custom.py too, but loads into the project's module, untrusted.
+    assert "auto_map" in json.loads((zoo.build("armorm") / "config.json").read_text())
+    ResponseScoresConfig(model=ARMO).check_remote_code()
 
 
 def test_multi_label_classifier_is_refused(tmp_path):

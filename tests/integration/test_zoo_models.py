@@ -1,6 +1,6 @@
 """The zoo's language models load through transformers' Auto classes, exactly as real checkpoints do.
 
-Covers lvlm-llava, lvlm-llava-next, chat-llm, reward-seqcls and reward-armo: tokenizers are real sub-word
+Covers lvlm-llava, lvlm-llava-next, chat-llm and reward-seqcls (the ArmoRM twin: test_armorm.py): tokenizers are real sub-word
 tokenizers (not degenerate), weight names follow the released checkpoints' layout, reward models return
 the right shapes, and a build is a pure function of its seed. vLLM loading is in test_vllm_generation.py.
 """
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from synthalign_ray import zoo
 
 LVLMS = ["lvlm-llava", "lvlm-llava-next"]
-LLAMA3_STYLE = ["chat-llm", "reward-seqcls", "reward-armo"]
+LLAMA3_STYLE = ["chat-llm", "reward-seqcls"]
 LANGUAGE_MODELS = LVLMS + LLAMA3_STYLE
 
 # Words from zoo.CORPUS: a working sub-word tokenizer keeps most of them whole.
@@ -179,50 +179,7 @@ def test_reward_seqcls_scores_a_padded_batch(built):
     torch.testing.assert_close(scores[1], alone[0], atol=1e-5, rtol=1e-5)  # padding does not change a score
 
 
-def test_reward_armo_returns_armorm_outputs(built):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = built["reward-armo"]
-    config_json = json.loads((folder / "config.json").read_text())
-    assert config_json["auto_map"]["AutoModelForSequenceClassification"] == "modeling_armo.LlamaForRewardModelWithGating"
-    assert (folder / "modeling_armo.py").is_file() and (folder / "configuration_armo.py").is_file()
-    assert config_json["objective_names"] == zoo.ARMO_OBJECTIVES and len(zoo.ARMO_OBJECTIVES) == 19
-    assert zoo.ARMO_OBJECTIVES[:5] == [
-        "helpsteer-helpfulness",
-        "helpsteer-correctness",
-        "helpsteer-coherence",
-        "helpsteer-complexity",
-        "helpsteer-verbosity",
-    ]
-    # Like the released ArmoRM, the config and tokenizer load without remote code.
-    assert type(AutoConfig.from_pretrained(folder)).__name__ == "LlamaConfig"
-
-    saved = _weights(folder)
-    assert {"model.embed_tokens.weight", "regression_layer.weight", "gating.layers.0.weight",
-            "reward_transform_matrix"} <= set(saved)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        folder, trust_remote_code=True, output_loading_info=True
-    )
-    assert type(model).__name__ == "LlamaForRewardModelWithGating" and not any(info.values())
-
-    batch = tokenizer.apply_chat_template([CHAT, OTHER_CHAT], padding=True, return_tensors="pt", return_dict=True)
-    single = tokenizer.apply_chat_template(OTHER_CHAT, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        output = model.eval()(**batch)
-        alone = model(**single)
-    assert output.score.shape == (2,)
-    assert output.rewards.shape == (2, 19)
-    assert output.gating_output.shape == (2, 19)
-    assert output.hidden_state.shape == (2, model.config.hidden_size)
-    torch.testing.assert_close(output.gating_output.sum(dim=1), torch.ones(2))  # softmax mixing weights
-    torch.testing.assert_close(output.score[1], alone.score[0], atol=1e-5, rtol=1e-5)
-
-    with pytest.raises(ValueError, match="gating token pattern"):  # a prompt with no assistant turn
-        model(**tokenizer(CORPUS_SENTENCE, return_tensors="pt"))
-
-
-@pytest.mark.parametrize("name", LANGUAGE_MODELS)
+@pytest.mark.parametrize("name", [*LANGUAGE_MODELS, "armorm"])
 def test_build_is_a_function_of_the_seed(tmp_path, name):
     builder = zoo.BUILDERS[name][0]
     folders = {}

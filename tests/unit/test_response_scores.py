@@ -6,8 +6,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from synthalign_ray import zoo
 from synthalign_ray.stages.response_scores import (
+    ARMO_OBJECTIVES,
     DEFAULT_OBJECTIVES,
     ResponseScoresConfig,
     answer_is_valid,
@@ -20,7 +20,7 @@ from synthalign_ray.stages.response_scores import (
     scatter,
 )
 
-AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"}
+AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_custom.CustomRewardModel"}
 
 
 def answer(text="a dog in a park", finish_reason="stop", error=None):
@@ -96,7 +96,7 @@ def test_chat_messages():
 
 
 def test_objective_mapping_prefers_helpsteer_and_accepts_full_names():
-    names = zoo.ARMO_OBJECTIVES
+    names = ARMO_OBJECTIVES
     assert resolve_objectives(DEFAULT_OBJECTIVES, names) == [0, 1, 2, 3, 4]
     assert resolve_objectives(["ultrafeedback-helpfulness", "is_safe", "helpsteer-verbosity"], names) == [9, 10, 4]
     assert resolve_objectives([], names) == []
@@ -112,7 +112,7 @@ def test_model_objective_names():
         model_objective_names({"objective_names": ["a-x", "b-y"]}, 3)
     # The released ArmoRM's config.json has no names: its model card's list applies.
     armo = {"architectures": ["LlamaForRewardModelWithGating"]}
-    assert model_objective_names(armo, 19) == zoo.ARMO_OBJECTIVES
+    assert model_objective_names(armo, 19) == ARMO_OBJECTIVES
     assert model_objective_names(armo, 7) is None
     assert model_objective_names({"architectures": ["SomethingElse"]}, 19) is None
 
@@ -131,13 +131,15 @@ def test_remote_code_is_refused_unless_trusted():
     check_remote_code({"model_type": "llama"}, False, "m")  # no custom code: nothing to trust
     check_remote_code({"auto_map": AUTO_MAP}, True, "m")
     with pytest.raises(ValueError, match=r"response_scores\.trust_remote_code: true") as error:
-        check_remote_code({"auto_map": AUTO_MAP}, False, "RLHFlow/ArmoRM-Llama3-8B-v0.1")
-    assert "modeling_custom.LlamaForRewardModelWithGating" in str(error.value)
-    assert "RLHFlow/ArmoRM-Llama3-8B-v0.1" in str(error.value)
+        check_remote_code({"auto_map": AUTO_MAP}, False, "org/custom-reward")
+    assert "modeling_custom.CustomRewardModel" in str(error.value)
+    assert "org/custom-reward" in str(error.value)
+    # ArmoRM's folder has an auto_map too, but the project's own module loads it: nothing to trust.
+    check_remote_code({"auto_map": AUTO_MAP, "architectures": ["LlamaForRewardModelWithGating"]}, False, "m")
 
 
 def test_config_refuses_a_folder_with_remote_code(tmp_path):
-    folder = tmp_path / "armo"
+    folder = tmp_path / "custom"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": AUTO_MAP}))
     with pytest.raises(ValidationError, match=r"response_scores\.trust_remote_code"):
