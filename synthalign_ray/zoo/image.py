@@ -52,6 +52,17 @@ def write_wordpiece_vocab(dest: Path) -> Path:
     return path
 
 
+def _clip_tokenizer(scratch: Path):
+    """A CLIPTokenizer over write_clip_bpe_vocab's files, written to (and removed from) a folder in `scratch`."""
+    from transformers import CLIPTokenizer
+
+    tok_dir = scratch / "_tokenizer_src"
+    write_clip_bpe_vocab(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    shutil.rmtree(tok_dir)
+    return tokenizer
+
+
 def _clip_text_config(vocab_size: int, **overrides):
     from transformers import CLIPTextConfig
 
@@ -76,13 +87,10 @@ def _clip_text_config(vocab_size: int, **overrides):
 @register("diffusion", "Stable Diffusion layout (UNet, VAE, CLIP text encoder, scheduler), 64 px, random")
 def build_diffusion(dest: Path, seed: int) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch = seeded_torch(seed)
-    tok_dir = dest / "_tokenizer_src"
-    write_clip_bpe_vocab(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    shutil.rmtree(tok_dir)
+    tokenizer = _clip_tokenizer(dest)
     text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -123,6 +131,87 @@ def build_diffusion(dest: Path, seed: int) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
+# --- sd3: the paper's text-to-image model, stabilityai/stable-diffusion-3-medium-diffusers, 64 px -------
+
+
+def _t5_tokenizer():
+    """T5TokenizerFast (SentencePiece Unigram, T5's layout: <pad>=0, </s>=1, <unk>=2, 100 <extra_id_N>, `</s>`
+    appended) over CORPUS words and single characters, so any text tokenizes."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(CORPUS))
+    characters = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = [("▁" + w, -float(len(w) ** 0.5)) for w in words] + [("▁", -3.0)] + [(c, -5.0) for c in characters]
+    return T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces], model_max_length=256)
+
+
+@register("sd3", "SD3-medium layout: MMDiT, flow-matching scheduler, 2 CLIP-with-projection + T5, 16-channel VAE, 64 px")
+def build_sd3(dest: Path, seed: int) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch = seeded_torch(seed)
+    clip_tokenizer, t5_tokenizer = _clip_tokenizer(dest), _t5_tokenizer()
+    # SD3-medium: CLIP-L (768) and OpenCLIP bigG (1280) with projections; their hidden states, side by side,
+    # are zero-padded to T5-XXL's width (4096), so joint_attention_dim = T5's d_model >= the two CLIP widths.
+    clip_l = CLIPTextModelWithProjection(_clip_text_config(len(clip_tokenizer), hidden_size=32, projection_dim=32))
+    clip_g = CLIPTextModelWithProjection(_clip_text_config(len(clip_tokenizer), hidden_size=48, projection_dim=48))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=96,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=8,  # 64 px / 8 (SD3-medium: 128 for 1024 px)
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=96,
+        caption_projection_dim=32,  # = heads x head_dim, as 24 x 64 = 1536 in SD3-medium
+        pooled_projection_dim=32 + 48,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(  # SD3's VAE: 16 latent channels, no quant convs, its scaling and shift factors
+        block_out_channels=(32, 32, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():  # as for `diffusion`: widen the random decoder's output to see noise, not grey
+        vae.decoder.conv_out.weight.mul_(8.0)
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    ).save_pretrained(dest, safe_serialization=True)
+
+
 # --- CLIP (CLIPScore) and BLIP image-text matching: the paper's comparison scorers -------------------
 
 
@@ -133,15 +222,11 @@ def build_clip(dest: Path, seed: int) -> None:
         CLIPImageProcessor,
         CLIPModel,
         CLIPProcessor,
-        CLIPTokenizer,
         CLIPVisionConfig,
     )
 
     seeded_torch(seed)
-    tok_dir = dest / "_tokenizer_src"
-    write_clip_bpe_vocab(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    shutil.rmtree(tok_dir)
+    tokenizer = _clip_tokenizer(dest)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16
     )
