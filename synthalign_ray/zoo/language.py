@@ -276,22 +276,21 @@ def build_lvlm_llava(dest: Path, seed: int) -> None:
     ).save_pretrained(dest)
 
 
-@register("lvlm-llava-next", "LLaVA-NeXT v1.6 (llava-hf layout): anyres CLIP tower + projector + Mistral, random")
-def build_lvlm_llava_next(dest: Path, seed: int) -> None:
+def _build_llava_next(dest: Path, seed: int, text_config_cls, chat_template: str) -> None:
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
-        MistralConfig,
     )
 
     size = _LVLM_IMAGE_SIZE
     # llava-v1.6's anyres grid (336 px tiles: 1x2, 2x1, 2x2, 3x1, 1x3) on our tile size.
     grid_pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size], [3 * size, size], [size, 3 * size]]
     tokenizer = _llava_tokenizer()
-    text, vision = _llava_backbone_configs(tokenizer, MistralConfig)
-    text.sliding_window = None  # as in llava-v1.6-mistral-7b-hf
+    text, vision = _llava_backbone_configs(tokenizer, text_config_cls)
+    if hasattr(text, "sliding_window"):
+        text.sliding_window = None  # as in llava-v1.6-mistral-7b-hf
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -306,9 +305,24 @@ def build_lvlm_llava_next(dest: Path, seed: int) -> None:
             image_grid_pinpoints=grid_pinpoints, do_pad=True, **_LVLM_IMAGE_PROCESSOR_KWARGS
         ),
         tokenizer=tokenizer,
-        chat_template=_LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
+        chat_template=chat_template,
         **_LVLM_PROCESSOR_KWARGS,
     ).save_pretrained(dest)
+
+
+@register("lvlm-llava-next", "LLaVA-NeXT v1.6 (llava-hf layout): anyres CLIP tower + projector + Mistral, random")
+def build_lvlm_llava_next(dest: Path, seed: int) -> None:
+    from transformers import MistralConfig
+
+    _build_llava_next(dest, seed, MistralConfig, _LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE)
+
+
+# llava-hf/llava-v1.6-vicuna-{7b,13b}-hf ship llava-1.5's Vicuna template ("USER: <image>\n... ASSISTANT:").
+@register("lvlm-llava-next-vicuna", "LLaVA-NeXT v1.6 (llava-hf layout): anyres CLIP tower + projector + Vicuna, random")
+def build_lvlm_llava_next_vicuna(dest: Path, seed: int) -> None:
+    from transformers import LlamaConfig
+
+    _build_llava_next(dest, seed, LlamaConfig, _LLAVA_15_CHAT_TEMPLATE)
 
 
 def _llama3_text_config_kwargs(tokenizer) -> dict:

