@@ -135,6 +135,13 @@ def generate(
 
         stages = [StageStats(**stage) for stage in result.manifest["stages"]]
         typer.echo(format_table(stages, run_s=result.manifest["execution_seconds"]))
+    if result.failed_fraction > cfg.resources.max_failed_fraction:
+        from synthalign_ray.pipeline import failure_report
+
+        lines = failure_report(c, result.failures, cfg.resources.max_failed_fraction)
+        typer.secho(f"error: {lines[0]}", fg="red", err=True)
+        typer.echo("\n".join(lines[1:]), err=True)
+        raise typer.Exit(1)
 
 
 @app.command("export")

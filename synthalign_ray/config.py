@@ -68,11 +68,19 @@ class ResourcesConfig(StrictModel):
         "to the output at once (a row with its K images is megabytes at real resolutions)",
     )
     max_lost_blocks: int = Field(
-        -1,
+        10,
         ge=-1,
         description="blocks Ray Data may give up on (a task failed past Ray's own retries, e.g. an object lost "
         "with its node that could not be rebuilt) before the run aborts; their rows are recorded failed "
         "(failed_stage `ray`) and tried again by a rerun. -1: no limit, 0: the first lost block aborts the run",
+    )
+    max_failed_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="share of the run's rows that may end failed: above it `generate` exits 1 with a summary per "
+        "stage (its rows and most common errors), after writing everything; a rerun retries the failed rows. "
+        "1: never",
     )
     blocks_per_wave: int | None = Field(
         None,

@@ -66,6 +66,30 @@ class RunResult:
     counts: dict[str, Any]
     seconds: float
     manifest: dict[str, Any] = field(repr=False)
+    # store.failure_summary of the output when a row failed, else empty.
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def failed_fraction(self) -> float:
+        return failed_fraction(self.counts)
+
+
+def failed_fraction(counts: dict[str, Any]) -> float:
+    """Failed rows over the rows of the run's input (0 for no rows)."""
+    return counts["failed"] / counts["rows"] if counts["rows"] else 0.0
+
+
+def failure_report(counts: dict[str, Any], failures: dict[str, dict[str, Any]], max_fraction: float) -> list[str]:
+    """What `generate` prints when more than `max_fraction` of the rows failed: the totals, then per stage its
+    rows and most common errors."""
+    lines = [
+        f"{counts['failed']} of {counts['rows']} rows failed ({failed_fraction(counts):.1%}), more than "
+        f"resources.max_failed_fraction ({max_fraction:.1%}). Every row is written; a rerun retries the failed ones."
+    ]
+    for stage, summary in failures.items():
+        lines.append(f"  {stage}: {summary['rows']} rows")
+        lines += [f"    {rows} x {message}" for message, rows in summary["errors"]]
+    return lines
 
 
 def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
@@ -287,7 +311,8 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             sample_size=settings.sample_size,
             near_miss_margin=settings.near_miss_margin,
         )
-    return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest)
+    failures = store.failure_summary(output) if counts["failed"] else {}
+    return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest, failures=failures)
 
 
 @dataclass

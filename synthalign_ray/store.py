@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,6 +360,21 @@ def output_counts(output_uri: str, input_ids: IdSet | None = None) -> Outcomes:
         ids = pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist()
         duplicates.update(i for i, repeats in zip(ids, contains(repeated, digests(ids))) if repeats)
     return Outcomes(counts, input_ids, times_written, outside_input, sorted(duplicates))
+
+
+def failure_summary(output_uri: str, top: int = 3) -> dict[str, dict[str, Any]]:
+    """Per failed stage of a run folder: {"rows": count, "errors": [(message, rows), ...]}, its `top` most common
+    error messages (first line, at most 200 characters) first. Reads two columns of failed/ only."""
+    fs, _ = filesystem(output_uri)
+    by_stage: dict[str, Counter] = defaultdict(Counter)
+    for shard in list_shards(join(output_uri, FOLDERS[STATUS_FAILED])):
+        table = pq.read_table(shard, columns=["failed_stage", "error"], filesystem=fs)
+        for stage, error in zip(table.column("failed_stage").to_pylist(), table.column("error").to_pylist()):
+            by_stage[stage or "unknown"][(error or "no error message").splitlines()[0][:200]] += 1
+    return {
+        stage: {"rows": sum(errors.values()), "errors": errors.most_common(top)}
+        for stage, errors in sorted(by_stage.items())
+    }
 
 
 def remove_shards(uri: str) -> int:

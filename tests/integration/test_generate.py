@@ -118,12 +118,19 @@ def test_injected_stage_failures_are_recorded_and_retried_on_resume(tmp_path):
     out = tmp_path / "faulty"
     env = dict(os.environ, SYNTHALIGN_INJECT_FAULTS="images:art-0001,response_scores:school-0001")
     args = ["generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3"]
-    result = run_cli(*args, env=env)
+    result = run_cli(*args, env=env, check=False)
     failed = {r["id"]: r for r in load(out, "failed")}
     assert sorted(failed) == ["art-0001", "school-0001"]
     assert failed["art-0001"]["failed_stage"] == "images" and "InjectedFault" in failed["art-0001"]["error"]
     assert failed["school-0001"]["failed_stage"] == "response_scores"
     assert "2 failed" in result.stdout
+    # 2 of 3 rows failed, more than resources.max_failed_fraction (0.01): everything is written, yet the run
+    # exits 1, ending with each stage's failed rows and errors (Ray's worker logs before it hold tracebacks).
+    assert result.returncode == 1
+    report = result.stderr[result.stderr.rindex("error: 2 of 3 rows failed") :]
+    assert report.startswith("error: 2 of 3 rows failed (66.7%), more than resources.max_failed_fraction (1.0%)")
+    assert "  images: 1 rows\n    1 x InjectedFault" in report and "  response_scores: 1 rows" in report
+    assert "Traceback" not in report
     # Without the faults, a rerun retries exactly the failed rows.
     result = run_cli(*args)
     assert "2 processed this run" in result.stdout and load(out, "failed") == []

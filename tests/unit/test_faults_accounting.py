@@ -8,7 +8,15 @@ import pytest
 
 from synthalign_ray import store
 from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.pipeline import LOST_STAGE, AccountingError, accounting, lost_rows, release_freed_memory
+from synthalign_ray.pipeline import (
+    LOST_STAGE,
+    AccountingError,
+    accounting,
+    failed_fraction,
+    failure_report,
+    lost_rows,
+    release_freed_memory,
+)
 from synthalign_ray.stages.common import ActorPoolConfig
 from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
@@ -70,6 +78,7 @@ def test_run_resources_reach_ray_data():
     default = DataContext()
     configure_data_context(default, ResourcesConfig())
     assert default.execution_options.resource_limits == DataContext().execution_options.resource_limits  # Ray's own
+    assert default.max_errored_blocks == 10  # bounded by default: a run that keeps losing blocks stops
 
 
 def outcome_rows(ids, status, drop_reason=None):
@@ -111,3 +120,36 @@ def test_accounting_counts_every_input_id_once_and_names_what_breaks_it(tmp_path
     # outcomes counted against other ids cannot be checked against this input
     with pytest.raises(ValueError, match="counted against the check's ids"):
         accounting(run, check, store.output_counts(run), this_run=store.empty_counts(), input_ids=inputs)
+
+
+def failed_rows(ids, stage, errors):
+    n = len(ids)
+    return pa.table({"id": ids, "status": ["failed"] * n, "failed_stage": [stage] * n, "error": errors})
+
+
+def test_a_run_with_too_many_failed_rows_reports_each_stage_and_its_commonest_errors(tmp_path):
+    run = str(tmp_path / "run")
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback (most recent call last): ..."
+    write_outputs(run, [
+        ("failed", failed_rows(["a", "b", "c"], "response_scores", [oom, oom, "ValueError: row has no instruction"])),
+        ("failed", failed_rows(["d", "e", "f", "g", "h"], "images", ["E1", "E2", "E2", "E3", "E4"])),
+        ("failed", failed_rows(["i"], None, [None])),
+        ("pairs", outcome_rows(["x"], "ok")),
+    ])  # fmt: skip
+    summary = store.failure_summary(run)
+    assert summary == {
+        "images": {"rows": 5, "errors": [("E2", 2), ("E1", 1), ("E3", 1)]},  # three at most, commonest first
+        "response_scores": {
+            "rows": 3,
+            "errors": [("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 2),
+                       ("ValueError: row has no instruction", 1)],
+        },  # fmt: skip
+        "unknown": {"rows": 1, "errors": [("no error message", 1)]},
+    }
+    counts = {"rows": 200, "failed": 9}
+    assert failed_fraction(counts) == 0.045 and failed_fraction({"rows": 0, "failed": 0}) == 0.0
+    lines = failure_report(counts, summary, max_fraction=0.01)
+    assert lines[0].startswith("9 of 200 rows failed (4.5%), more than resources.max_failed_fraction (1.0%)")
+    assert lines[1:4] == ["  images: 5 rows", "    2 x E2", "    1 x E1"]
+    assert "  response_scores: 3 rows" in lines
+    assert "    2 x OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in lines
