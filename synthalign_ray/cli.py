@@ -113,16 +113,20 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="run folder or URI (s3://, gs://)")],
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard what OUTPUT holds and start afresh")] = False,
+    force_unlock: Annotated[
+        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
+    ] = False,
 ):
     """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
     from synthalign_ray.config import ConfigError
+    from synthalign_ray.lease import OutputLeasedError
     from synthalign_ray.pipeline import generate as run
     from synthalign_ray.stages.prompts import InputFileError
 
     cfg = _load(config, overrides)
     try:
-        result = run(cfg, output, config_source=config, overwrite=overwrite)
-    except (ConfigError, InputFileError) as e:
+        result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
+    except (ConfigError, InputFileError, OutputLeasedError) as e:
         _fail(str(e))
     c = result.counts
     typer.echo(

@@ -74,6 +74,13 @@ class ResourcesConfig(StrictModel):
         "with its node that could not be rebuilt) before the run aborts; their rows are recorded failed "
         "(failed_stage `ray`) and tried again by a rerun. -1: no limit, 0: the first lost block aborts the run",
     )
+    lock_stale_seconds: float = Field(
+        300,
+        gt=0,
+        description="a run holds its output's lease, refreshed every quarter of this; another run on the same "
+        "output is refused while the lease's heartbeat is younger than this, and takes it over (with a "
+        "warning) once it is older: the holder was killed without releasing it",
+    )
     max_failed_fraction: float = Field(
         0.01,
         ge=0,

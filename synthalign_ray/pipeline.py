@@ -35,6 +35,7 @@ from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, submitted_job_env_vars
 from synthalign_ray.ids import IdSet, digests
+from synthalign_ray.lease import output_lease
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, on_driver_node, start_batch_attempts
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
@@ -237,10 +238,18 @@ def check_same_config(cfg: SynthAlignConfig, output: str, overwrite: bool) -> No
         )
 
 
-def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = None, overwrite: bool = False, build=build_dataset) -> RunResult:
-    """Run the pipeline of `cfg` into `output` (a folder or URI), resuming what is there; write the manifest."""
-    import ray
+def generate(
+    cfg: SynthAlignConfig,
+    output: str,
+    *,
+    config_source: str | None = None,
+    overwrite: bool = False,
+    force_unlock: bool = False,
+    build=build_dataset,
+) -> RunResult:
+    """Run the pipeline of `cfg` into `output` (a folder or URI), resuming what is there; write the manifest.
 
+    The run holds the output's lease (lease.py) from before its first write to its end."""
     started = time.time()
     check_chat_environment(cfg.chat_models())
     cfg.resources.check_secret_environment()
@@ -253,6 +262,16 @@ def generate(cfg: SynthAlignConfig, output: str, *, config_source: str | None = 
             f"{cfg.instructions.path}: no instruction for {len(missing)} prompt id(s), e.g. {missing[:10]} "
             "(instructions.on_missing=drop drops those rows instead)"
         )
+    with output_lease(output, stale_seconds=cfg.resources.lock_stale_seconds, force=force_unlock):
+        return run_leased(cfg, output, check, started, config_source=config_source, overwrite=overwrite, build=build)
+
+
+def run_leased(
+    cfg: SynthAlignConfig, output: str, check: PromptCheck, started: float, *, config_source, overwrite, build
+) -> RunResult:
+    """generate()'s part that writes to the output: under its lease, after the inputs were checked."""
+    import ray
+
     check_same_config(cfg, output, overwrite)
     prompts_uri = store.join(output, store.PROMPTS_FILE)
     todo = write_todo_prompts(cfg, check, output, prompts_uri)

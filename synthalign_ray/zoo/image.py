@@ -81,15 +81,35 @@ def _clip_text_config(vocab_size: int, **overrides):
     return CLIPTextConfig(**(base | overrides))
 
 
+def _tiny_vae(**overrides):
+    """A 64 px AutoencoderKL with four blocks (latents 1/8 of the side, as in real Stable Diffusion: 64 px -> 8x8)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        sample_size=64,
+        **overrides,
+    )
+    with torch.no_grad():  # random init leaves the VAE's output near-constant grey: widen it to see noise
+        vae.decoder.conv_out.weight.mul_(8.0)
+    return vae
+
+
 # --- diffusion: a Stable-Diffusion-layout text-to-image pipeline, 64 px -------------------------------
 
 
 @register("diffusion", "Stable Diffusion layout (UNet, VAE, CLIP text encoder, scheduler), 64 px, random")
 def build_diffusion(dest: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch = seeded_torch(seed)
+    seeded_torch(seed)
     tokenizer = _clip_tokenizer(dest)
     text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
     unet = UNet2DConditionModel(
@@ -104,20 +124,8 @@ def build_diffusion(dest: Path, seed: int) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    # Four VAE blocks: latents are 1/8 of the image side, as in real Stable Diffusion (64 px -> 8x8).
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(latent_channels=4)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    with torch.no_grad():  # random init leaves the VAE's output near-constant grey: widen it to see noise
-        vae.decoder.conv_out.weight.mul_(8.0)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -149,10 +157,10 @@ def _t5_tokenizer():
 
 @register("sd3", "SD3-medium layout: MMDiT, flow-matching scheduler, 2 CLIP-with-projection + T5, 16-channel VAE, 64 px")
 def build_sd3(dest: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    torch = seeded_torch(seed)
+    seeded_torch(seed)
     clip_tokenizer, t5_tokenizer = _clip_tokenizer(dest), _t5_tokenizer()
     # SD3-medium: CLIP-L (768) and OpenCLIP bigG (1280) with projections; their hidden states, side by side,
     # are zero-padded to T5-XXL's width (4096), so joint_attention_dim = T5's d_model >= the two CLIP widths.
@@ -183,22 +191,10 @@ def build_sd3(dest: Path, seed: int) -> None:
         pooled_projection_dim=32 + 48,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(  # SD3's VAE: 16 latent channels, no quant convs, its scaling and shift factors
-        block_out_channels=(32, 32, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    # SD3's VAE: 16 latent channels, no quant convs, its scaling and shift factors.
+    vae = _tiny_vae(
+        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
     )
-    with torch.no_grad():  # as for `diffusion`: widen the random decoder's output to see noise, not grey
-        vae.decoder.conv_out.weight.mul_(8.0)
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import datasets
 import pytest
 from PIL import Image
 
+from synthalign_ray.lease import LEASE_FILE
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,20 @@ def load(folder, part):
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     # First a run cut short (3 prompts), then the full command: it must resume, not redo.
-    run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3")
+    first = subprocess.Popen(
+        [*SYNTHALIGN, "generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    # While it runs, a second run on the same output is refused at once, naming the holder.
+    deadline = time.time() + 300
+    while not (out / LEASE_FILE).exists():
+        assert first.poll() is None and time.time() < deadline, "the first run ended before taking its lease"
+        time.sleep(0.2)
+    second = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), check=False)
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "--force-unlock" in second.stderr
+    log, _ = first.communicate(timeout=1200)
+    assert first.returncode == 0, log[-6000:]
+    assert not (out / LEASE_FILE).exists()  # released at the end
     # The full run also writes the dataset card (report settings never make a run "another config").
     # It also forwards a secret to the workers (resources.secret_env), which must end up in no output file.
     result = run_cli(
