@@ -92,6 +92,11 @@ class TrainConfig(StrictModel):
         description="lora: reference = base with adapters disabled; full: the language model trained (vision tower and "
         "projector frozen, as the paper) against a separate frozen reference copy",
     )
+    prompt_format: Literal["chat_template", "llava_v1"] = Field(
+        "chat_template",
+        description="chat_template: the processor's chat template renders the pairs; llava_v1: LLaVA-1.5's official "
+        "vicuna_v1 conversation (its system sentence, USER:/ASSISTANT:, </s> after answers), as the paper trained",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)

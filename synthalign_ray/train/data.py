@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from synthalign_ray import store
+from synthalign_ray.llava_conversation import llava_v1_pair
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 IMAGE_COLUMNS = ("images", "image")  # TRL takes a list of images or a single image
@@ -178,6 +179,27 @@ def processor_image_token(processor, model: str) -> str:
     return token
 
 
+def render_kwargs(processor, prompt_format: str) -> dict[str, str] | None:
+    """What `render_pair` needs from the processor under `prompt_format`; None: pairs go to TRL as stored."""
+    if prompt_format == "chat_template":
+        return None
+    tokenizer = processor.tokenizer
+    return {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "image_token": processor.image_token}
+
+
+def render_pair(example: dict[str, Any], kwargs: dict[str, str] | None) -> dict[str, Any]:
+    """A pair as TRL gets it: as stored (TRL applies the chat template), or LLaVA-1.5's vicuna_v1 strings."""
+    return example if kwargs is None else llava_v1_pair(example, **kwargs)
+
+
+def render_pairs(dataset, processor, prompt_format: str):
+    """`render_pair` over a `datasets` dataset. `map` rewrites the dataset's cache once, images included."""
+    kwargs = render_kwargs(processor, prompt_format)
+    if kwargs is None:
+        return dataset
+    return dataset.map(llava_v1_pair, fn_kwargs=kwargs, desc="LLaVA vicuna_v1 prompts")
+
+
 def pair_lengths(processor, example: dict[str, Any], images: list) -> tuple[int, int]:
     """Tokens of prompt + chosen and prompt + rejected, built as TRL's vision collator builds them."""
     from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
@@ -196,11 +218,14 @@ def pair_lengths(processor, example: dict[str, Any], images: list) -> tuple[int,
     return prompt_tokens + answer_tokens[0], prompt_tokens + answer_tokens[1]
 
 
-def check_pairs(data: str, processor, model: str, max_length: int, too_long: str) -> DataReport:
+def check_pairs(
+    data: str, processor, model: str, max_length: int, too_long: str, prompt_format: str = "chat_template"
+) -> DataReport:
     """Check every pair before training (see the module docstring); returns what to train on."""
     files = parquet_files(data)
     image_col = image_column(files)
     processor_image_token(processor, model)
+    render = render_kwargs(processor, prompt_format)
     counts = row_counts(files)
     if sum(counts) == 0:
         raise DataError(f"{data}: no pairs (0 rows in {len(files)} Parquet file(s))")
@@ -220,7 +245,8 @@ def check_pairs(data: str, processor, model: str, max_length: int, too_long: str
         except Exception as e:
             problems.append(f"{locate(index)}: column {image_col}: image does not decode ({type(e).__name__}: {e})")
             continue
-        longest = max(pair_lengths(processor, {c: row[c] for c in TEXT_COLUMNS}, images))
+        texts = render_pair({c: row[c] for c in TEXT_COLUMNS}, render)
+        longest = max(pair_lengths(processor, texts, images))
         report.max_tokens = max(report.max_tokens, longest)
         if longest > max_length and too_long != "truncate":
             if too_long == "fail":

@@ -250,6 +250,7 @@ def train_worker(job: dict[str, Any]) -> None:
     if job["skip_rows"]:
         skip = set(job["skip_rows"])
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
+    dataset = data.render_pairs(dataset, processor, cfg.prompt_format)
 
     set_seed(cfg.optim.seed)  # the same LoRA init on every worker and in every run
     model, ref_model, peft_config = policy_and_reference(model_path, cfg)

@@ -96,7 +96,9 @@ def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
 
     model_path = zoo.resolve(cfg.model)
     processor = AutoProcessor.from_pretrained(model_path)
-    report = train_data.check_pairs(data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long)
+    report = train_data.check_pairs(
+        data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long, cfg.prompt_format
+    )
     if report.skipped_too_long:
         log.warning(
             "%s: skipping %d of %d pairs longer than dpo.max_length %d",

@@ -46,8 +46,9 @@ def synthetic_rows(n: int) -> pa.Table:
 
 
 # "full": the rows as the pipeline writes them (TRL's collator then takes the single-image `image`
-# column, which holds the same image); "trl_only": just the TRL columns, so `images` is what is used.
-@pytest.mark.parametrize("layout", ["full", "trl_only"])
+# column, which holds the same image); "trl_only": just the TRL columns, so `images` is what is used;
+# "llava_v1": the full rows rendered as LLaVA-1.5's vicuna_v1 strings (train config `prompt_format`).
+@pytest.mark.parametrize("layout", ["full", "trl_only", "llava_v1"])
 def test_dpo_trainer_takes_the_pairs_parquet_as_is(tmp_path, layout):
     import datasets
     import torch
@@ -82,6 +83,20 @@ def test_dpo_trainer_takes_the_pairs_parquet_as_is(tmp_path, layout):
         save_strategy="no",
         dataloader_num_workers=0,
     )
+    if layout == "llava_v1":
+        from synthalign_ray.train.data import render_pairs
+
+        from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+        from synthalign_ray.train.data import check_pairs
+
+        dataset = render_pairs(dataset, processor, "llava_v1")
+        assert dataset[0]["prompt"].startswith("<s> You are a careful assistant. USER: <image>\n")
+        # The pre-training check measures the pairs as TRL's collator will build them, in this format.
+        collate = DataCollatorForVisionPreference(processor=processor)
+        longest = max(int(collate([dict(row)])["attention_mask"].sum(1).max()) for row in dataset)
+        report = check_pairs(str(tmp_path / "pairs"), processor, "zoo:lvlm-llava", 2048, "fail", "llava_v1")
+        assert report.max_tokens == longest
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     result = trainer.train()
     # ----------------------------------------------------------------------

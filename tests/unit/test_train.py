@@ -50,6 +50,7 @@ def test_shipped_configs_validate():
     )
     assert (paper.lora.r, paper.lora.alpha, paper.optim.gradient_accumulation_steps) == (128, 256, 4)
     assert paper.scaling.use_gpu and paper.scaling.num_workers == 2 and paper.use_bf16()
+    assert paper.prompt_format == "llava_v1" and tiny.prompt_format == "chat_template"
 
 
 @pytest.mark.parametrize(
