@@ -1,5 +1,6 @@
 """The `synthalign` command. Thin: parse arguments, call the library, print. User errors (bad config,
-bad prompt file, unknown zoo model) print one clear message and exit 2, without a traceback."""
+bad prompt file, missing path, unknown zoo model) derive from `UserError`; `_Commands` catches them in
+one place and prints one `error:` line with exit status 2, without a traceback."""
 
 from __future__ import annotations
 
@@ -7,9 +8,30 @@ import json
 import logging
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Synth-Align / PDS-DPO on Ray.")
+from synthalign_ray.errors import UserError
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+class _Commands(TyperGroup):
+    """The command group that turns any UserError raised below it into `_fail` (also under CliRunner,
+    which invokes the group, not `main`)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            _fail(str(e))
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, help="Synth-Align / PDS-DPO on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Check configs.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Tiny offline random-weight models for tests and demos.")
 app.add_typer(config_app, name="config")
@@ -20,18 +42,10 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
 def _load(config: str, overrides: list[str] | None, schema=None):
-    from synthalign_ray.config import ConfigError, SynthAlignConfig, load_config
+    from synthalign_ray.config import SynthAlignConfig, load_config
 
-    try:
-        return load_config(config, overrides or [], schema or SynthAlignConfig)
-    except ConfigError as e:
-        _fail(str(e))
+    return load_config(config, overrides or [], schema or SynthAlignConfig)
 
 
 @config_app.command("validate")
@@ -42,14 +56,11 @@ def config_validate(
 ):
     """Validate a config (fields, model references, prompt file) without starting anything."""
     from synthalign_ray.stages.instructions import missing_instructions
-    from synthalign_ray.stages.prompts import InputFileError, check_prompts, valid_ids
+    from synthalign_ray.stages.prompts import check_prompts, valid_ids
 
     cfg = _load(config, overrides)
-    try:
-        check = check_prompts(cfg.prompts)
-        missing = missing_instructions(cfg.instructions, valid_ids(cfg.prompts, check))
-    except InputFileError as e:
-        _fail(str(e))
+    check = check_prompts(cfg.prompts)
+    missing = missing_instructions(cfg.instructions, valid_ids(cfg.prompts, check))
     if missing:
         typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
     for b in check.bad:
@@ -91,14 +102,10 @@ def prompts(
     overrides: SetOption = None,
 ):
     """Have an LLM write text-to-image prompts per topic into a prompt file to review before `generate`."""
-    from synthalign_ray.config import ConfigError
     from synthalign_ray.stages.topic_prompts import TopicPromptsConfig, write_topic_prompts
 
     cfg = _load(config, overrides, TopicPromptsConfig)
-    try:
-        report = write_topic_prompts(cfg, output)
-    except ConfigError as e:
-        _fail(str(e))
+    report = write_topic_prompts(cfg, output)
     typer.echo(
         f"{output}: {report['prompts']} prompts from {report['requests']} requests "
         f"({report['failed_requests']} failed, removed {report['removed']}); report: {output}.report.json"
@@ -118,16 +125,10 @@ def generate(
     ] = False,
 ):
     """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
-    from synthalign_ray.config import ConfigError
-    from synthalign_ray.lease import OutputLeasedError
     from synthalign_ray.pipeline import generate as run
-    from synthalign_ray.stages.prompts import InputFileError
 
     cfg = _load(config, overrides)
-    try:
-        result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
-    except (ConfigError, InputFileError, OutputLeasedError) as e:
-        _fail(str(e))
+    result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
     c = result.counts
     typer.echo(
         f"{output}: {c['rows']} rows -> {c['pairs']} pairs, {c['dropped']} dropped {c['dropped_by_reason']}, "
@@ -171,12 +172,9 @@ def import_(
 ):
     """Turn a LLaVA / PDS-DPO JSON into our Parquet pairs, so it can be trained on."""
     from synthalign_ray import store
-    from synthalign_ray.llava_format import LlavaFormatError, import_llava
+    from synthalign_ray.llava_format import import_llava
 
-    try:
-        table = import_llava(json_file, images)
-    except LlavaFormatError as e:
-        _fail(str(e))
+    table = import_llava(json_file, images)
     store.write_table(store.join(output, store.FOLDERS["ok"], "imported.parquet"), store.with_hf_features(table))
     typer.echo(f"{output}: {table.num_rows} pairs imported from {json_file}")
 
@@ -193,18 +191,11 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the run's checkpoints and start afresh")] = False,
 ):
     """DPO-train the config's LVLM on DATA's pairs with Ray Train; rerunning the same command resumes."""
-    from synthalign_ray.config import ConfigError
     from synthalign_ray.train.config import load_train_config
-    from synthalign_ray.train.data import DataError
-    from synthalign_ray.train.dpo import LoraTargetError
-    from synthalign_ray.train.trainer import TrainRunError
     from synthalign_ray.train.trainer import train as run_training
 
-    try:
-        cfg = load_train_config(config, overrides or [])
-        result = run_training(cfg, data, output, overwrite=overwrite)
-    except (ConfigError, DataError, LoraTargetError, TrainRunError) as e:
-        _fail(str(e))
+    cfg = load_train_config(config, overrides or [])
+    result = run_training(cfg, data, output, overwrite=overwrite)
     d = result.data
     loss = result.metrics.get("loss")
     typer.echo(
@@ -251,18 +242,13 @@ def evaluate(
     overrides: SetOption = None,
 ):
     """Run benchmarks on a model (and its base) as Ray Data batch inference on vLLM; write metrics and a comparison."""
-    from synthalign_ray.config import ConfigError
-    from synthalign_ray.evaluate.common import BenchmarkFileError
     from synthalign_ray.evaluate.runner import evaluate as run_evaluation
     from synthalign_ray.evaluate.runner import load_eval_config, summary_line
 
-    try:
-        cfg = load_eval_config(config, overrides or [])
-        summary = run_evaluation(
-            cfg, model=model, output=output, benchmarks=benchmarks.split(","), adapter=adapter, base=base, config_source=config
-        )
-    except (ConfigError, BenchmarkFileError) as e:
-        _fail(str(e))
+    cfg = load_eval_config(config, overrides or [])
+    summary = run_evaluation(
+        cfg, model=model, output=output, benchmarks=benchmarks.split(","), adapter=adapter, base=base, config_source=config
+    )
     typer.echo(f"{output}: {summary_line(summary)} ({summary['seconds']}s)")
     if len(summary["models"]) == 2:
         typer.echo(f"comparison: {output.rstrip('/')}/comparison.md")
@@ -276,12 +262,8 @@ def rescore_pope(
     """Re-score lmms-eval's logged POPE answers with the official POPE / LLaVA parser, per split."""
     from synthalign_ray import store
     from synthalign_ray.evaluate.lmms_eval import rescore_pope_samples
-    from synthalign_ray.evaluate.pope import BenchmarkFileError
 
-    try:
-        result = rescore_pope_samples(samples)
-    except BenchmarkFileError as e:
-        _fail(str(e))
+    result = rescore_pope_samples(samples)
     if output:
         store.write_json(output, result)
     typer.echo(json.dumps(result if not output else result["mean"], indent=2))
@@ -302,12 +284,9 @@ def report(
     ] = None,
 ):
     """Write a run's dataset card (README.md), stats.json, plots and index.html, streaming over its shards."""
-    from synthalign_ray.report.build import ReportError, write_report
+    from synthalign_ray.report.build import write_report
 
-    try:
-        result = write_report(run, output, license=license, pretty_name=name, sample_size=sample_size, near_miss_margin=near_miss_margin)
-    except ReportError as e:
-        _fail(str(e))
+    result = write_report(run, output, license=license, pretty_name=name, sample_size=sample_size, near_miss_margin=near_miss_margin)
     rows = result.stats["rows"]
     plots = [f for f in result.files if f.startswith("plots/")]
     typer.echo(
@@ -325,13 +304,9 @@ def correlate(
     overrides: SetOption = None,
 ):
     """Pearson and Spearman (bootstrap 95% intervals) between runs' dataset metrics and downstream metrics."""
-    from synthalign_ray.config import ConfigError
     from synthalign_ray.report.correlate import render_markdown, write_correlations
 
-    try:
-        result = write_correlations(runs, output, overrides)
-    except ConfigError as e:
-        _fail(str(e))
+    result = write_correlations(runs, output, overrides)
     typer.echo(render_markdown(result))
     typer.echo(f"{output}: correlations.json, correlations.md, plots/")
 
@@ -344,15 +319,10 @@ def judge(
     overrides: SetOption = None,
 ):
     """Ask a VLM judge which image matches the caption where two image scorers' top-1 differ (paper Table 5)."""
-    from synthalign_ray.config import ConfigError
-    from synthalign_ray.report.build import ReportError
     from synthalign_ray.report.judge import JudgeRunConfig, judge_run, render_markdown
 
     cfg = _load(config, overrides, JudgeRunConfig)
-    try:
-        result = judge_run(run, cfg, output, config_source=config)
-    except (ConfigError, ReportError) as e:
-        _fail(str(e))
+    result = judge_run(run, cfg, output, config_source=config)
     typer.echo(render_markdown(result))
     typer.echo(f"{output or run.rstrip('/') + '/judge'}: judge.json, judge.md, verdicts.parquet ({result['seconds']}s)")
 
@@ -372,15 +342,12 @@ def plan(
     overrides: SetOption = None,
 ):
     """Split N GPUs across the config's GPU stages so the slowest stage is as fast as it can be."""
-    from synthalign_ray.plan import PlanError, load_profile, make_plan, unused_profile_stages, write_planned_config
+    from synthalign_ray.plan import load_profile, make_plan, unused_profile_stages, write_planned_config
 
     cfg = _load(config, overrides)
-    try:
-        prof = load_profile(profile)
-        result = make_plan(cfg, prof, gpus)
-        write_planned_config(config, cfg, prof, profile, result, output, overrides)
-    except PlanError as e:
-        _fail(str(e))
+    prof = load_profile(profile)
+    result = make_plan(cfg, prof, gpus)
+    write_planned_config(config, cfg, prof, profile, result, output, overrides)
     typer.echo(f"profile: {prof.gpu}, {prof.source.kind}")
     typer.echo(result.table())
     unused = unused_profile_stages(cfg, prof)
@@ -404,16 +371,12 @@ def simulate(
 ):
     """Capacity questions only: run generate's driver on ROWS made-up prompts with every model stage a
     sleep of the profile's seconds per batch, on N fake GPUs of a local Ray (no GPU, no model)."""
-    from synthalign_ray.config import ConfigError
-    from synthalign_ray.plan import PlanError, load_profile
+    from synthalign_ray.plan import load_profile
     from synthalign_ray.simulate import simulate as run
 
     cfg = _load(config, overrides)
-    try:
-        result = run(cfg, load_profile(profile), gpus=gpus, rows=rows, output=output, split=split,
-                     time_scale=time_scale, max_actors=max_actors, overwrite=overwrite)
-    except (PlanError, ConfigError) as e:
-        _fail(str(e))
+    result = run(cfg, load_profile(profile), gpus=gpus, rows=rows, output=output, split=split,
+                 time_scale=time_scale, max_actors=max_actors, overwrite=overwrite)
     c = result.counts
     typer.echo(f"{output}: {c['rows']} rows -> {c['pairs']} pairs, {c['dropped']} dropped, {c['failed']} failed; {result.seconds:.1f}s")
     typer.echo(result.table())
@@ -457,10 +420,7 @@ def doctor(
         return
     repo = Path(lockfile.__file__).resolve().parents[1]
     path = Path(lock) if lock else repo / record["lock"]
-    try:
-        entries = lockfile.read_lock(path)
-    except lockfile.LockError as e:
-        _fail(str(e))
+    entries = lockfile.read_lock(path)
     drift = lockfile.installed_drift(entries)
     for name, locked, installed in drift:
         typer.secho(f"drift: {name} {installed or 'not installed'} (locked {locked})", fg="red")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig
+from synthalign_ray.errors import UserError
 from synthalign_ray.stages.common import StrictModel
 from synthalign_ray.stages.image_scores import ImageScoresConfig
 from synthalign_ray.stages.images import ImagesConfig
@@ -31,7 +32,7 @@ from synthalign_ray.stages.responses import ResponsesConfig
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override: printed without a traceback by the CLI."""
 
 
@@ -162,6 +163,14 @@ class SynthAlignConfig(StrictModel):
         return models
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column it points at (its own message spans several
+    lines and repeats the source)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = " ".join(filter(None, [getattr(error, "context", None), getattr(error, "problem", None)])) or str(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`images.guidance_scales=[5,7]` -> (["images", "guidance_scales"], [5, 7]); values are YAML."""
     key, sep, value = text.partition("=")
@@ -173,7 +182,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {yaml_problem(e)}") from None
     return path, parsed
 
 
@@ -216,7 +225,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema: ty
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML, {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     data = apply_overrides(data, overrides or [])

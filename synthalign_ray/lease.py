@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from synthalign_ray import store
+from synthalign_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ LEASE_FILE = ".synthalign-lease.json"
 SETTLE_SECONDS = 1.0
 
 
-class OutputLeasedError(RuntimeError):
+class OutputLeasedError(UserError, RuntimeError):
     """Another live run holds the output."""
 
 

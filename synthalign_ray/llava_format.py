@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from synthalign_ray import store
+from synthalign_ray.errors import UserError
 from synthalign_ray.stages.common import STATUS_OK
 from synthalign_ray.stages.pairs import PAIR_FIELDS, trl_columns
 from synthalign_ray.stages.prompts import INPUT_SCHEMA
@@ -52,12 +53,15 @@ IMPORT_SCHEMA = pa.schema(
 )
 
 
-class LlavaFormatError(ValueError):
+class LlavaFormatError(UserError, ValueError):
     """A LLaVA JSON file with malformed entries or missing images; lists every problem found."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+            return
         shown = "\n  ".join(problems[:_MAX_REPORTED])
         more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
         super().__init__(f"{source}: {len(problems)} problem(s):\n  {shown}{more}")
@@ -103,7 +107,7 @@ def _batches(source) -> Iterator[pa.RecordBatch]:
         pairs_dir = store.join(source, store.FOLDERS[STATUS_OK])
         shards = store.list_shards(pairs_dir) or store.list_shards(source)
         if not shards:
-            raise FileNotFoundError(f"no Parquet shards in {pairs_dir} or {source}")
+            raise LlavaFormatError(source, [f"no Parquet shards in {pairs_dir} or {source}"])
     for shard in shards:
         with fs.open_input_file(shard) as handle:
             parquet = pq.ParquetFile(handle)
@@ -224,11 +228,13 @@ def import_llava(json_path: str, images_dir: str | None = None, *, system_prompt
     if images_dir is None:
         images_dir = store.join(json_path.rsplit("/", 1)[0] if "/" in json_path else ".", IMAGES_SUBDIR)
     image_fs, images_path = store.filesystem(images_dir)
-    with fs.open_input_stream(path) as stream:
-        try:
+    try:
+        with fs.open_input_stream(path) as stream:
             entries = json.loads(stream.read())
-        except json.JSONDecodeError as error:
-            raise LlavaFormatError(json_path, [f"not valid JSON: {error}"]) from None
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise LlavaFormatError(json_path, [f"cannot read it ({error.strerror or error})"]) from None
+    except json.JSONDecodeError as error:
+        raise LlavaFormatError(json_path, [f"not valid JSON: {error}"]) from None
     if not isinstance(entries, list):
         raise LlavaFormatError(json_path, [f"top level must be a list of entries, got {type(entries).__name__}"])
 

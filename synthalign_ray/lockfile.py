@@ -19,13 +19,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from synthalign_ray.errors import UserError
+
 # The record install.sh leaves in the venv: which lock it installed, for `synthalign doctor`.
 INSTALL_RECORD = "synthalign-lock.json"
 # A lock entry starts at a column-0 `name==version` line; its `--hash` and `# via` lines follow, indented.
 ENTRY_START = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
 
 
-class LockError(ValueError):
+class LockError(UserError, ValueError):
     """A lock file that cannot be read, or does not agree with what it should."""
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from synthalign_ray.errors import UserError
 from synthalign_ray.stages.common import StrictModel
 
 # A candidate rate T = n * r_s divided by r_s is n up to float error: without a tolerance, ceil would
@@ -43,7 +44,7 @@ from synthalign_ray.stages.common import StrictModel
 _RELATIVE_TOLERANCE = 1e-9
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A profile or plan that cannot work (bad field, missing stage, too few GPUs), with a clear message."""
 
 
@@ -106,14 +107,14 @@ class Profile(StrictModel):
 
 def load_profile(path: str | Path) -> Profile:
     """A profile YAML, validated; errors name the file and the field."""
-    from synthalign_ray.config import _format_errors
+    from synthalign_ray.config import _format_errors, yaml_problem
 
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise PlanError(f"cannot read profile {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise PlanError(f"{path}: not valid YAML: {e}") from None
+        raise PlanError(f"{path}: not valid YAML, {yaml_problem(e)}") from None
     try:
         return Profile.model_validate(data if data is not None else {})
     except ValidationError as e:

@@ -24,9 +24,10 @@ from synthalign_ray.engines.vllm_engine import (
     finish_reason,
     image_chat_request,
 )
+from synthalign_ray.errors import UserError
 
 
-class BenchmarkFileError(ValueError):
+class BenchmarkFileError(UserError, ValueError):
     """A benchmark file that is missing or malformed; the message names the file (and line)."""
 
 

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synthalign_ray import store
+from synthalign_ray.errors import UserError
 from synthalign_ray.report import card, html, plots
 from synthalign_ray.report.stats import STATS_COLUMNS, RunStats, classify_instruction, hard_negative_kind, word_count
 
@@ -39,7 +40,7 @@ SAMPLE_COLUMNS = (
 IMAGE_SIDE, CANDIDATE_SIDE = 384, 160  # thumbnail sizes (px, longest side)
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The run folder cannot be reported on (no shards, unreadable file): the message names it."""
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from synthalign_ray.errors import UserError
 from synthalign_ray.ids import IdSet, SeenIds, digests
 from synthalign_ray.stages.common import STATUS_OK, StrictModel
 
@@ -75,7 +76,7 @@ class BadRow:
         return f"line {self.line}: {self.reason}"
 
 
-class InputFileError(ValueError):
+class InputFileError(UserError, ValueError):
     """An input file (prompts, instructions) has bad rows and the config says to refuse them."""
 
     def __init__(self, path: str, bad: list[BadRow], hint: str = "", shown: int = 20):

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from synthalign_ray import store
+from synthalign_ray.errors import UserError
 from synthalign_ray.llava_conversation import llava_v1_pair
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -33,7 +34,7 @@ IMAGE_COLUMNS = ("images", "image")  # TRL takes a list of images or a single im
 _MAX_REPORTED = 10
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Training data that cannot be trained on; the message names the file, row and column."""
 
 

@@ -33,6 +33,7 @@ import time
 import tempfile
 from typing import Any
 
+from synthalign_ray.errors import UserError
 from synthalign_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ CHECKPOINT_DIR = "checkpoint"
 WORKER_RESULT_FILE = "train_worker_result.json"  # rank 0's last attempt: final step, where it resumed  # the HF checkpoint inside a Ray checkpoint folder
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(UserError, ValueError):
     """LoRA target modules that match nothing, or match the vision side without `lora.allow_vision`."""
 
 

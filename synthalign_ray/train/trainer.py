@@ -26,6 +26,7 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from synthalign_ray import store, zoo
+from synthalign_ray.errors import UserError
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
 from synthalign_ray.train.dpo import WORKER_RESULT_FILE, lora_targets, train_worker
@@ -36,7 +37,7 @@ CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
 
 
-class TrainRunError(ValueError):
+class TrainRunError(UserError, ValueError):
     """A training run that cannot start as asked (e.g. an existing output with another config)."""
 
 
