@@ -12,13 +12,20 @@ Taking it: no holder, or a holder that is gone (taken over with a warning): its 
 write survives: the other sees a stranger's id and stops. This needs no conditional write, which pyarrow's
 object-store filesystems do not offer, and holds as long as a write is visible to a read within the settle
 time (S3 and GCS are read-after-write consistent).
+
+Letting go: the lease is deleted when the run ends, also on SIGTERM (`ray job stop`, a scheduler's
+preemption notice), which is turned into SystemExit while the lease is held so that cleanup runs. A
+heartbeat write that fails (an object store's throttling, a network blip) is logged and tried again at the
+next beat; one failure must not end the heartbeat, or a live run would look gone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -115,9 +122,11 @@ def output_lease(
         daemon=True,
     )
     beat.start()
+    restore_sigterm = _exit_on_sigterm()
     try:
         yield mine
     finally:
+        restore_sigterm()
         stop.set()
         beat.join()
         current = read_holder(output)
@@ -128,9 +137,26 @@ def output_lease(
 
 def _heartbeat(output: str, mine: dict[str, Any], every: float, stop: threading.Event) -> None:
     while not stop.wait(every):
-        current = read_holder(output)
-        if current is None or current.get("run_id") != mine["run_id"]:
-            log.error("%s: the output's lease was taken by %s; this run no longer holds it", output,
-                      describe(current or {}, time.time()))
-            return
-        store.write_json(lease_uri(output), {**mine, "heartbeat": time.time()})
+        try:
+            current = read_holder(output)
+            if current is None or current.get("run_id") != mine["run_id"]:
+                log.error("%s: the output's lease was taken by %s; this run no longer holds it", output,
+                          describe(current or {}, time.time()))
+                return
+            store.write_json(lease_uri(output), {**mine, "heartbeat": time.time()})
+        except (OSError, ValueError) as error:
+            log.warning("%s: the lease heartbeat failed (%s); trying again in %.0f s", output, error, every)
+
+
+def _exit_on_sigterm():
+    """Turn SIGTERM into SystemExit(143) so `finally` blocks run; returns what undoes it. Only the main
+    thread can set a signal handler: elsewhere (a test runner's thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def exit_now(signum, frame):
+        log.warning("SIGTERM: stopping; the output's lease is let go, the run resumes when started again")
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

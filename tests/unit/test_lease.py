@@ -77,3 +77,43 @@ def test_the_heartbeat_keeps_the_lease_fresh(tmp_path):
         first = read_holder(output)["heartbeat"]
         time.sleep(0.5)
         assert read_holder(output)["heartbeat"] > first
+
+
+def test_a_failed_heartbeat_write_does_not_end_the_heartbeat(tmp_path, monkeypatch, caplog):
+    output = str(tmp_path / "run")
+    real_write = store.write_json
+    failures = []
+
+    def flaky_write(uri, data):
+        if threading.current_thread().name == "output-lease-heartbeat" and not failures:
+            failures.append(uri)
+            raise OSError("503 Slow Down")
+        real_write(uri, data)
+
+    monkeypatch.setattr(store, "write_json", flaky_write)
+    with caplog.at_level(logging.WARNING), output_lease(output, heartbeat_seconds=0.1, **FAST):
+        first = read_holder(output)["heartbeat"]
+        deadline = time.time() + 10
+        while read_holder(output)["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert failures and read_holder(output)["heartbeat"] > first
+    assert "lease heartbeat failed (503 Slow Down)" in caplog.text
+
+
+def test_sigterm_lets_the_lease_go(tmp_path):
+    output = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            "from synthalign_ray.lease import output_lease\n"
+            f"with output_lease({output!r}, stale_seconds=60, settle_seconds=0.05):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    assert read_holder(output) is not None
+    holder.terminate()
+    assert holder.wait(timeout=30) == 143
+    assert read_holder(output) is None
