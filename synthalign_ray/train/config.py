@@ -53,6 +53,12 @@ class OptimSettings(StrictModel):
     learning_rate: float = Field(1e-5, gt=0, description="paper: 1e-5")
     per_device_batch_size: int = Field(1, ge=1, description="pairs per worker per micro-batch")
     gradient_accumulation_steps: int = Field(4, ge=1, description="paper: 4")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="pairs per optimizer step over all workers (paper: 8 = 2 GPUs x 1 x accumulation 4); when set, "
+        "gradient_accumulation_steps is derived from it, so changing scaling.num_workers keeps the recipe",
+    )
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
     warmup_steps: float = Field(0.03, ge=0, description="warmup: a ratio of all steps if < 1, else a step count")
     weight_decay: float = Field(0.0, ge=0)
@@ -116,6 +122,31 @@ class TrainConfig(StrictModel):
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
         return self
+
+    @model_validator(mode="after")
+    def _keep_global_batch(self):
+        optim, workers = self.optim, self.scaling.num_workers
+        if optim.global_batch_size is None:
+            return self
+        per_step = workers * optim.per_device_batch_size
+        if optim.global_batch_size % per_step:
+            raise ValueError(
+                f"optim.global_batch_size: {optim.global_batch_size} is not a multiple of scaling.num_workers ({workers}) "
+                f"x optim.per_device_batch_size ({optim.per_device_batch_size}) = {per_step}"
+            )
+        accumulation = optim.global_batch_size // per_step
+        if "gradient_accumulation_steps" in optim.model_fields_set and optim.gradient_accumulation_steps != accumulation:
+            raise ValueError(
+                f"optim.gradient_accumulation_steps: {optim.gradient_accumulation_steps} contradicts optim.global_batch_size "
+                f"{optim.global_batch_size} on {workers} worker(s) ({accumulation}); set only one of them"
+            )
+        # Bypasses validate_assignment, which would mark the field as set by the user.
+        optim.__dict__["gradient_accumulation_steps"] = accumulation
+        return self
+
+    def global_batch(self) -> int:
+        """Pairs per optimizer step over all workers."""
+        return self.scaling.num_workers * self.optim.per_device_batch_size * self.optim.gradient_accumulation_steps
 
     def use_bf16(self) -> bool:
         return self.scaling.use_gpu if self.optim.bf16 is None else self.optim.bf16

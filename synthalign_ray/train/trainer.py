@@ -128,6 +128,12 @@ def train(
         fs.delete_file(path)
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address)
+    optim = cfg.optim
+    log.info(
+        "global batch: %d pairs per optimizer step (%d workers x %d per device x gradient accumulation %d)%s",
+        cfg.global_batch(), cfg.scaling.num_workers, optim.per_device_batch_size, optim.gradient_accumulation_steps,
+        "" if optim.global_batch_size else "; set optim.global_batch_size to keep it when num_workers changes",
+    )
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if cfg.scaling.use_gpu:

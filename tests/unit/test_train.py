@@ -53,6 +53,23 @@ def test_shipped_configs_validate():
     assert paper.prompt_format == "llava_v1" and tiny.prompt_format == "chat_template"
 
 
+def test_global_batch_size_keeps_the_papers_recipe_on_other_worker_counts():
+    def paper(*overrides):
+        return load_train_config(PAPER, ["model=zoo:lvlm-llava", *overrides])  # no hub here
+
+    assert paper().optim.gradient_accumulation_steps == 4 and paper().global_batch() == 8
+    eight = paper("scaling.num_workers=8")
+    assert (eight.optim.gradient_accumulation_steps, eight.global_batch()) == (1, 8)
+    assert paper("scaling.num_workers=4", "optim.per_device_batch_size=2").optim.gradient_accumulation_steps == 1
+    with pytest.raises(ConfigError, match=r"optim.global_batch_size: 8 is not a multiple of scaling.num_workers \(3\)"):
+        paper("scaling.num_workers=3")
+    with pytest.raises(ConfigError, match=r"optim.gradient_accumulation_steps: 4 contradicts optim.global_batch_size 8 on 8"):
+        paper("scaling.num_workers=8", "optim.gradient_accumulation_steps=4")
+    tiny = load_train_config(TINY)  # no global_batch_size: the accumulation is as written
+    assert tiny.global_batch() == tiny.scaling.num_workers * tiny.optim.per_device_batch_size * tiny.optim.gradient_accumulation_steps
+    assert TrainConfig.model_validate(eight.model_dump()).optim.gradient_accumulation_steps == 1  # as the workers see it
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
