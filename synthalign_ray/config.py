@@ -62,6 +62,12 @@ class ResourcesConfig(StrictModel):
         description="names of variables forwarded from the driver's (or the submitted job's) environment to "
         "every Ray worker, e.g. HF_TOKEN for a gated hub model; only the names are ever written anywhere",
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="a local --output path is one that every node of the cluster mounts at the same place (NFS, "
+        "EFS, Filestore). Shards are written on whichever node ran their block, so on a cluster of more than one "
+        "node a local output is refused unless this says it is shared; s3:// and gs:// outputs need nothing",
+    )
     rows_per_block: int = Field(
         16,
         ge=1,

@@ -6,6 +6,8 @@
 - A row kills its replica every time (SYNTHALIGN_INJECT_CRASHES, as an OOM kill would): Ray restarts the
   replica and resubmits the batch; after `crash_retries` reruns the stage records the batch's rows failed
   instead of running it again, and the rest of the run completes.
+- A local output path on a cluster of several nodes is refused unless resources.shared_filesystem says
+  every node mounts it.
 
 A custom resource `diffusion_node` stands in for a GPU type, so the image stage runs on the worker node
 the test removes. The driver is `synthalign generate` in a subprocess joining the cluster, as under
@@ -64,9 +66,10 @@ def generate():
     failed test cannot hold the cluster's resources through the next one."""
     processes = []
 
-    def start(address: str, out: Path, *sets: str) -> subprocess.Popen:
+    def start(address: str, out: Path, *sets: str, shared: bool = True) -> subprocess.Popen:
         command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--output", str(out)]
-        for item in (f"resources.ray_address={address}", *sets):
+        # The nodes of this cluster are processes of one machine: a local output is truly shared by them.
+        for item in (f"resources.ray_address={address}", f"resources.shared_filesystem={str(shared).lower()}", *sets):
             command += ["--set", item]
         with open(out.parent / f"{out.name}.log", "w") as log:
             processes.append(subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True))
@@ -139,3 +142,19 @@ def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(clust
     assert manifest["counts"]["failed_by_stage"] == {"image_scores": 2}
     # The first try and each rerun met a fresh replica and killed it.
     assert log.count("injected crash on") == CRASH_RETRIES + 1, log[-6000:]
+
+
+def test_a_local_output_on_several_nodes_is_refused_unless_declared_shared(cluster, generate, tmp_path):
+    cluster, common = cluster
+    extra = cluster.add_node(num_cpus=1, **common)
+    try:
+        out = tmp_path / "local"
+        process = generate(cluster.address, out, shared=False)
+        code = process.wait(timeout=300)
+    finally:
+        cluster.remove_node(extra)
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert code == 2, log[-6000:]
+    assert f"error: --output {out}: a local path on a Ray cluster of" in log and "resources.shared_filesystem" in log
+    assert "Traceback" not in log
+    assert not [shard for folder in ("pairs", "dropped", "failed") for shard in (out / folder).glob("*.parquet")]
