@@ -115,20 +115,31 @@ class ResourcesConfig(StrictModel):
     @field_validator("env")
     @classmethod
     def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
-        secret = sorted(name for name in env if SECRET_NAME.search(name))
-        if secret:
-            raise ValueError(
-                f"{', '.join(secret)} {'looks like a secret' if len(secret) == 1 else 'look like secrets'}: values in "
-                "resources.env are written to the manifest and the dataset card; set the variable in the driver's "
-                "environment and list its name in resources.secret_env instead"
-            )
-        return env
+        return refuse_secret_names(env, "resources", "the manifest and the dataset card")
 
     def check_secret_environment(self) -> None:
         """Every secret_env variable is set in this (the driver's) environment, before anything starts."""
-        missing = [name for name in self.secret_env if not os.environ.get(name)]
-        if missing:
-            raise ConfigError(f"resources.secret_env: {', '.join(missing)} not set in the driver's environment")
+        secret_values(self.secret_env, "resources.secret_env")
+
+
+def refuse_secret_names(env: dict[str, str], section: str, written_to: str) -> dict[str, str]:
+    """`env` itself, unless a name looks secret: its value would be written down (to `written_to`)."""
+    secret = sorted(name for name in env if SECRET_NAME.search(name))
+    if secret:
+        raise ValueError(
+            f"{', '.join(secret)} {'looks like a secret' if len(secret) == 1 else 'look like secrets'}: values in "
+            f"{section}.env are written to {written_to}; set the variable in the driver's environment and list its "
+            f"name in {section}.secret_env instead"
+        )
+    return env
+
+
+def secret_values(names: list[str], field: str) -> dict[str, str]:
+    """The driver's values of the variables a secret_env field names; ConfigError naming those not set."""
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"{field}: {', '.join(missing)} not set in the driver's environment")
+    return {name: os.environ[name] for name in names}
 
 
 class ReportSettings(StrictModel):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from synthalign_ray.config import load_config
+from synthalign_ray.config import load_config, refuse_secret_names, secret_values
 from synthalign_ray.stages.common import ModelRef, StrictModel
 
 # The language model's attention and MLP projections, and nothing else: in LLaVA-style models a plain
@@ -88,7 +88,26 @@ class RunSettings(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     checkpoints_to_keep: int | None = Field(2, ge=1, description="None: keep all")
     ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
-    env: dict[str, str] = Field(default_factory=dict, description="environment of every training worker")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of every training worker; written to OUTPUT's run record, so a name that looks "
+        "secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) is refused: use secret_env",
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="names of variables forwarded from the driver's (or the submitted job's) environment to every "
+        "training worker, e.g. HF_TOKEN for a gated or private model; only the names are written anywhere",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
+        return refuse_secret_names(env, "run", "the training output's run record")
+
+    def worker_env(self) -> dict[str, str]:
+        """Every training worker's environment: env, plus secret_env's values from the driver's environment
+        (ConfigError naming any that is not set)."""
+        return {**self.env, **secret_values(self.secret_env, "run.secret_env")}
 
 
 class TrainConfig(StrictModel):

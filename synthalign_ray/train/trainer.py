@@ -120,6 +120,7 @@ def train(
     from ray.train.torch import TorchTrainer
 
     started = time.monotonic()
+    worker_env = cfg.run.worker_env()  # a missing secret fails here, before anything is written
     model_path, report = prepare(cfg, data)
     _claim_output(cfg, data, output, overwrite)
     worker_result = store.join(_output_uri(output), WORKER_RESULT_FILE)
@@ -156,7 +157,7 @@ def train(
             storage_path=storage_path(cfg, output),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            worker_runtime_env={"env_vars": dict(cfg.run.env)} if cfg.run.env else None,
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
     result = trainer.fit()

@@ -53,6 +53,18 @@ def test_shipped_configs_validate():
     assert paper.prompt_format == "llava_v1" and tiny.prompt_format == "chat_template"
 
 
+def test_training_secrets_go_by_name_only(monkeypatch):
+    with pytest.raises(ConfigError, match=r"run.env: HF_TOKEN looks like a secret: .*list its name in run.secret_env"):
+        load_train_config(TINY, ["run.env={HF_TOKEN: hf_abc}"])
+    cfg = load_train_config(TINY, ["run.env={A: b}", "run.secret_env=[SYNTHALIGN_TEST_SECRET]"])
+    monkeypatch.delenv("SYNTHALIGN_TEST_SECRET", raising=False)
+    with pytest.raises(ConfigError, match=r"^run.secret_env: SYNTHALIGN_TEST_SECRET not set in the driver's environment$"):
+        cfg.run.worker_env()
+    monkeypatch.setenv("SYNTHALIGN_TEST_SECRET", "s3cr3t-value")
+    assert cfg.run.worker_env() == {"A": "b", "SYNTHALIGN_TEST_SECRET": "s3cr3t-value"}
+    assert "s3cr3t-value" not in cfg.model_dump_json()  # what the run record and the workers' config hold
+
+
 def test_global_batch_size_keeps_the_papers_recipe_on_other_worker_counts():
     def paper(*overrides):
         return load_train_config(PAPER, ["model=zoo:lvlm-llava", *overrides])  # no hub here
