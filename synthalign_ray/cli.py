@@ -179,6 +179,27 @@ def import_(
     typer.echo(f"{output}: {table.num_rows} pairs imported from {json_file}")
 
 
+@app.command()
+def repair(
+    output: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
+    force_unlock: Annotated[
+        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
+    ] = False,
+):
+    """Keep one row per id in a run folder whose shards hold ids more than once, and rebuild the manifest's counts."""
+    from synthalign_ray.repair import repair as run
+
+    result = run(output, force_unlock=force_unlock)
+    c = result.counts
+    typer.echo(
+        f"{output}: {result.shards} shards, {len(result.duplicate_ids)} ids written more than once, "
+        f"{result.rows_dropped} rows dropped, {result.shards_rewritten} shards rewritten; "
+        f"now {c['pairs']} pairs, {c['dropped']} dropped, {c['failed']} failed"
+    )
+    if result.duplicate_ids:
+        typer.echo(f"ids that were duplicated: {result.duplicate_ids[:10]}{' ...' if len(result.duplicate_ids) > 10 else ''}")
+
+
 # --- DPO training (issue 4): `synthalign train` and `synthalign merge` --------------------------------
 
 

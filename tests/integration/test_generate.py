@@ -4,6 +4,7 @@ with `datasets`. Outputs of random models are noise: the checks are schema, sele
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,43 @@ def test_rerun_is_a_no_op_and_changed_config_is_refused(run_dir):
     assert sorted(r["id"] for part in ("pairs", "dropped") for r in load(run_dir, part)) == before
     refused = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(run_dir), "--set", "images.steps=2", check=False)
     assert refused.returncode == 2 and "was generated with a different config" in refused.stderr and "--overwrite" in refused.stderr
+
+
+def test_repair_keeps_one_row_per_id_and_rebuilds_the_manifest(run_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synthalign_ray import store
+
+    def rows_by_id(folder):
+        return {row["id"]: row for shard in sorted((folder / "pairs").glob("*.parquet")) for row in pq.read_table(shard).to_pylist()}
+
+    out = tmp_path / "twice"
+    shutil.copytree(run_dir, out)
+    # As two runs that cut their blocks differently left it: a pair shard written again in two parts, and a
+    # pair's id also failed in a third run.
+    shard = sorted((out / "pairs").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    assert table.num_rows >= 2, "the tiny run's first pair shard has too few rows for this test"
+    for part in (table.slice(0, 1), table.slice(1)):
+        store.write_table(str(out / "pairs" / store.shard_name(part)), part)
+    failed = table.slice(0, 1)
+    for name, value in (("status", "failed"), ("failed_stage", "responses"), ("error", "RuntimeError: from another run")):
+        failed = failed.set_column(failed.schema.get_field_index(name), name, pa.array([value], failed.schema.field(name).type))
+    store.write_table(str(out / "failed" / store.shard_name(failed)), failed)
+    twice = sorted(table.column("id").to_pylist())
+    assert store.output_counts(str(out)).duplicates == twice
+
+    result = run_cli("repair", str(out))
+    assert f"{len(twice)} ids written more than once, {len(twice) + 1} rows dropped" in result.stdout
+    assert store.output_counts(str(out)).duplicates == []
+    assert rows_by_id(out) == rows_by_id(run_dir)  # the pairs kept, byte for byte; the failed copy dropped
+    assert not list((out / "failed").glob("*.parquet"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = json.loads((run_dir / "manifest.json").read_text())["counts"]
+    assert manifest["counts"] == expected and manifest["repaired"]["ids"] == twice
+    assert "0 ids written more than once, 0 rows dropped" in run_cli("repair", str(out)).stdout  # idempotent
+    assert not (out / LEASE_FILE).exists()
 
 
 def test_injected_stage_failures_are_recorded_and_retried_on_resume(tmp_path):

@@ -21,6 +21,7 @@ MISSING_PATH_CASES = {
     "evaluate": ["evaluate", "-c", f"{MISSING}.yaml", "-m", "zoo:lvlm", "-o", "{tmp}/eval"],
     "rescore-pope": ["rescore-pope", f"{MISSING}.jsonl"],
     "report": ["report", MISSING],
+    "repair": ["repair", MISSING],
     "correlate": ["correlate", f"{MISSING}.yaml", "-o", "{tmp}/corr"],
     "judge, run": ["judge", MISSING, "-c", "configs/judge_tiny.yaml"],
     "judge, config": ["judge", "{tmp}", "-c", f"{MISSING}.yaml"],
