@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterable
@@ -55,6 +56,9 @@ LOST_STAGE = "ray"
 LOST_ERROR = (
     "LostBlock: the block holding this row failed after Ray's retries; the Ray logs say why; a rerun tries it again"
 )
+
+# Seconds between two progress reports (a line per stage) when the console is not a terminal.
+PROGRESS_LOG_INTERVAL_S = 30
 
 
 class AccountingError(RuntimeError):
@@ -205,6 +209,12 @@ def configure_data_context(context, resources: ResourcesConfig) -> None:
     # A block whose actor task failed past its retries is skipped (and counted) instead of failing the
     # whole run; generate records its rows failed.
     context.max_errored_blocks = resources.max_lost_blocks
+    # The wave's execution runs in a Ray worker, whose tqdm bars Ray relays to the driver's console. Without
+    # a terminal there (CI, `ray job submit` logs, `> file`) every redraw became a line, tens of thousands per
+    # tiny run; Ray Data's logging progress instead writes one line per stage every
+    # PROGRESS_LOG_INTERVAL_S.
+    if not sys.stdout.isatty():
+        context.use_ray_tqdm = False
     if resources.object_store_memory is not None:
         limits = context.execution_options.resource_limits
         context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_memory)
@@ -374,7 +384,10 @@ def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, 
     fails the run, and a rerun resumes it."""
     import ray
 
-    wave_task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(drive_wave).options(scheduling_strategy=on_driver_node())
+    wave_task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(drive_wave).options(
+        scheduling_strategy=on_driver_node(),
+        runtime_env={"env_vars": {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(PROGRESS_LOG_INTERVAL_S)}},
+    )
     ref = wave_task.remote(cfg, wave, output, context, build)
     try:
         return ray.get(ref)
