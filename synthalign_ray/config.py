@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -40,7 +40,49 @@ class ConfigError(UserError, ValueError):
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 
 
-class ResourcesConfig(StrictModel):
+class WorkerEnvironment(StrictModel):
+    """A section's `env` (written down with the run's records, so no secrets) and `secret_env` (names only:
+    the values travel from the driver's environment to the workers)."""
+
+    SECTION: ClassVar[str]
+    WRITTEN_TO: ClassVar[str]
+
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of every worker; the values are written down with the run (manifest, dataset "
+        "card, training run record), so a name that looks secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) is "
+        "refused: use secret_env",
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="names of variables forwarded from the driver's (or the submitted job's) environment to "
+        "every worker, e.g. HF_TOKEN for a gated hub model; only the names are ever written anywhere",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
+        secret = sorted(name for name in env if SECRET_NAME.search(name))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} {'looks like a secret' if len(secret) == 1 else 'look like secrets'}: values "
+                f"in {cls.SECTION}.env are written to {cls.WRITTEN_TO}; set the variable in the driver's environment "
+                f"and list its name in {cls.SECTION}.secret_env instead"
+            )
+        return env
+
+    def secret_values(self) -> dict[str, str]:
+        """The driver's values of the secret_env variables; ConfigError naming those not set."""
+        missing = [name for name in self.secret_env if not os.environ.get(name)]
+        if missing:
+            raise ConfigError(f"{self.SECTION}.secret_env: {', '.join(missing)} not set in the driver's environment")
+        return {name: os.environ[name] for name in self.secret_env}
+
+
+class ResourcesConfig(WorkerEnvironment):
+    SECTION: ClassVar[str] = "resources"
+    WRITTEN_TO: ClassVar[str] = "the manifest and the dataset card"
+
     ray_address: str | None = Field(
         None,
         description="None: join RAY_ADDRESS's cluster (as under `ray job submit`), else a cluster `ray start` "
@@ -51,16 +93,6 @@ class ResourcesConfig(StrictModel):
         ge=1,
         description="CPUs of a local Ray of the run's own, started even if a `ray start` cluster runs on this "
         "machine; ignored when joining a cluster (ray_address or RAY_ADDRESS set)",
-    )
-    env: dict[str, str] = Field(
-        default_factory=dict,
-        description="environment of every Ray worker; the values are written to the manifest and the dataset "
-        "card, so a name that looks secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) is refused: use secret_env",
-    )
-    secret_env: list[str] = Field(
-        default_factory=list,
-        description="names of variables forwarded from the driver's (or the submitted job's) environment to "
-        "every Ray worker, e.g. HF_TOKEN for a gated hub model; only the names are ever written anywhere",
     )
     shared_filesystem: bool = Field(
         False,
@@ -112,34 +144,9 @@ class ResourcesConfig(StrictModel):
         "blocks. None: Ray Data's default, a share of the cluster's object store",
     )
 
-    @field_validator("env")
-    @classmethod
-    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
-        return refuse_secret_names(env, "resources", "the manifest and the dataset card")
-
     def check_secret_environment(self) -> None:
         """Every secret_env variable is set in this (the driver's) environment, before anything starts."""
-        secret_values(self.secret_env, "resources.secret_env")
-
-
-def refuse_secret_names(env: dict[str, str], section: str, written_to: str) -> dict[str, str]:
-    """`env` itself, unless a name looks secret: its value would be written down (to `written_to`)."""
-    secret = sorted(name for name in env if SECRET_NAME.search(name))
-    if secret:
-        raise ValueError(
-            f"{', '.join(secret)} {'looks like a secret' if len(secret) == 1 else 'look like secrets'}: values in "
-            f"{section}.env are written to {written_to}; set the variable in the driver's environment and list its "
-            f"name in {section}.secret_env instead"
-        )
-    return env
-
-
-def secret_values(names: list[str], field: str) -> dict[str, str]:
-    """The driver's values of the variables a secret_env field names; ConfigError naming those not set."""
-    missing = [name for name in names if not os.environ.get(name)]
-    if missing:
-        raise ConfigError(f"{field}: {', '.join(missing)} not set in the driver's environment")
-    return {name: os.environ[name] for name in names}
+        self.secret_values()
 
 
 class ReportSettings(StrictModel):

@@ -9,11 +9,11 @@ ZeRO-2. Errors name the file and the dotted field, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from synthalign_ray.config import load_config, refuse_secret_names, secret_values
+from synthalign_ray.config import WorkerEnvironment, load_config
 from synthalign_ray.stages.common import ModelRef, StrictModel
 
 # The language model's attention and MLP projections, and nothing else: in LLaVA-style models a plain
@@ -81,33 +81,21 @@ class ScalingSettings(StrictModel):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per worker")
 
 
-class RunSettings(StrictModel):
+class RunSettings(WorkerEnvironment):
+    SECTION: ClassVar[str] = "run"
+    WRITTEN_TO: ClassVar[str] = "the training output's run record"
+
     name: str = Field("dpo", min_length=1, description="Ray Train run name: the same name + storage resumes")
     storage_path: str | None = Field(None, description="checkpoints (local or s3://...); None: OUTPUT/ray")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint; -1: forever")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     checkpoints_to_keep: int | None = Field(2, ge=1, description="None: keep all")
     ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
-    env: dict[str, str] = Field(
-        default_factory=dict,
-        description="environment of every training worker; written to OUTPUT's run record, so a name that looks "
-        "secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) is refused: use secret_env",
-    )
-    secret_env: list[str] = Field(
-        default_factory=list,
-        description="names of variables forwarded from the driver's (or the submitted job's) environment to every "
-        "training worker, e.g. HF_TOKEN for a gated or private model; only the names are written anywhere",
-    )
-
-    @field_validator("env")
-    @classmethod
-    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
-        return refuse_secret_names(env, "run", "the training output's run record")
 
     def worker_env(self) -> dict[str, str]:
         """Every training worker's environment: env, plus secret_env's values from the driver's environment
         (ConfigError naming any that is not set)."""
-        return {**self.env, **secret_values(self.secret_env, "run.secret_env")}
+        return {**self.env, **self.secret_values()}
 
 
 class TrainConfig(StrictModel):
