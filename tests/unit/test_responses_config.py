@@ -145,8 +145,8 @@ def test_engine_kwargs_must_not_repeat_what_the_config_owns():
 @pytest.mark.parametrize(
     "num_gpus, workers, bundles, engine",
     [
-        (0, 1, [{"CPU": 1}], {"enforce_eager": True, "async_scheduling": False}),  # CPU: never Ray's GPU bundle
-        (0, 2, [{"CPU": 1}, {"CPU": 1}], {"enforce_eager": True, "async_scheduling": False}),
+        (0, 1, [{"CPU": 1}], {"enforce_eager": True, "async_scheduling": False, "enable_chunked_prefill": False}),  # CPU: never Ray's GPU bundle
+        (0, 2, [{"CPU": 1}, {"CPU": 1}], {"enforce_eager": True, "async_scheduling": False, "enable_chunked_prefill": False}),
         (1, 1, None, {}),  # one whole GPU per worker: Ray's default bundles
         (2, 2, None, {}),
         (0.5, 1, [{"CPU": 1, "GPU": 0.5}], {"gpu_memory_utilization": 0.45}),  # two engines share a GPU
