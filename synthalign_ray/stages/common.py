@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,10 +92,10 @@ def start_batch_attempts():
 
 
 def batch_attempts():
-    """The run's BatchAttempts actor, or None outside `generate` (a stage run on its own)."""
-    import ray
-
-    if not ray.is_initialized():  # a stage called in-process; ray.get_actor would start a Ray
+    """The run's BatchAttempts actor, or None outside `generate` (a stage run on its own, maybe where Ray
+    is not even installed: a process that never imported ray is no Ray worker)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():  # a stage called in-process; ray.get_actor would start a Ray
         return None
     try:
         return ray.get_actor(BATCH_ATTEMPTS_ACTOR)

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from synthalign_ray.hf_image import IMAGE_TYPE, encode_image
 from synthalign_ray.stages.common import ActorPoolConfig, ModelRef, RowStage, StrictModel, resolve_model_path
 from synthalign_ray.stages.prompts import image_seed
-from synthalign_ray.store import IMAGE_TYPE, encode_image
 
 
 class ImagesConfig(StrictModel):
