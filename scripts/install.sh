@@ -39,7 +39,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 parts=$(mktemp -d)
-trap 'rm -rf "$parts"' EXIT
+trap 'wait; rm -rf "$parts"' EXIT  # wait: for lmms-eval's install in the background, below
 
 # install_lock PYTHON LOCK: a venv's packages exactly as LOCK pins them, with hashes and without
 # resolving (--no-deps: the lock is the resolution). torch first, then everything else but DeepSpeed,
@@ -49,20 +49,21 @@ trap 'rm -rf "$parts"' EXIT
 install_lock() {
   local lock_py=$1 lock_file=$2
   local pip=("$lock_py" -m pip --disable-pip-version-check install --no-deps --require-hashes)
-  "$py" -m synthalign_ray.lockfile select "$lock_file" --only torch > "$parts/torch.txt"
-  "${pip[@]}" -r "$parts/torch.txt" \
-    || { grep -q '^torch==.*+cpu' "$parts/torch.txt" && "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu -r "$parts/torch.txt"; }
+  local part; part=$(mktemp -d -p "$parts")  # two installs may run at once (lmms-eval's in the background)
+  "$py" -m synthalign_ray.lockfile select "$lock_file" --only torch > "$part/torch.txt"
+  "${pip[@]}" -r "$part/torch.txt" \
+    || { grep -q '^torch==.*+cpu' "$part/torch.txt" && "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu -r "$part/torch.txt"; }
   local deepspeed=()
-  if "$py" -m synthalign_ray.lockfile select "$lock_file" --only deepspeed > "$parts/deepspeed.txt" 2>/dev/null; then
+  if "$py" -m synthalign_ray.lockfile select "$lock_file" --only deepspeed > "$part/deepspeed.txt" 2>/dev/null; then
     deepspeed=(deepspeed)
   fi
-  "$py" -m synthalign_ray.lockfile select "$lock_file" --without torch "${deepspeed[@]}" > "$parts/rest.txt"
-  "${pip[@]}" -r "$parts/rest.txt"
+  "$py" -m synthalign_ray.lockfile select "$lock_file" --without torch "${deepspeed[@]}" > "$part/rest.txt"
+  "${pip[@]}" -r "$part/rest.txt"
   if [ ${#deepspeed[@]} -gt 0 ]; then
     # On the CPU, DeepSpeed's shared-memory comm op is built into the wheel here, once: otherwise it is
     # JIT-compiled at every first training run (~53 s).
     local ops=(); [ "$device" = cpu ] && ops=(DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1)
-    env "${ops[@]}" "${pip[@]}" --no-build-isolation -r "$parts/deepspeed.txt"
+    env "${ops[@]}" "${pip[@]}" --no-build-isolation -r "$part/deepspeed.txt"
   fi
 }
 
@@ -82,22 +83,26 @@ fi
 
 # lmms-eval for the bridge test (tests/integration/test_lmms_eval_bridge.py, which skips without it), in a
 # virtualenv of its own, $venv/lmms-eval, from locks/lmms-eval-DEVICE.txt: it pins its own torch and
-# transformers. --test only; checked on every --test run (before the up-to-date stamp); about 2 minutes
-# and 2.4 GB once. A failed install is reported, not fatal.
+# transformers. --test only; checked on every --test run (before the up-to-date stamp); about 3 minutes
+# and 2.4 GB once, in the background while the main stack installs (the script waits for it before it
+# ends). A failed install is reported, not fatal.
 lmms_lock="locks/lmms-eval-$device.txt"
 lmms_venv="$venv/lmms-eval"
 lmms_want="$device $(sha256sum < "$lmms_lock" | cut -c1-16)"
-if [ -n "$suffix" ] && [ "$(cat "$lmms_venv/.synthalign-lmms-eval" 2>/dev/null)" != "$lmms_want" ]; then
-  lmms_start=$SECONDS
+install_lmms_eval() {
+  local start=$SECONDS
   rm -rf "$lmms_venv"
   if "$py" -m venv "$lmms_venv" \
     && install_lock "$lmms_venv/bin/python" "$lmms_lock" >"$lmms_venv/install.log" 2>&1 \
     && "$lmms_venv/bin/python" -c "import lmms_eval.evaluator, lmms_eval.models.chat.openai" >>"$lmms_venv/install.log" 2>&1; then
     echo "$lmms_want" > "$lmms_venv/.synthalign-lmms-eval"
-    echo "install.sh: lmms-eval installed into $lmms_venv from $lmms_lock in $((SECONDS - lmms_start))s (bridge test)"
+    echo "install.sh: lmms-eval installed into $lmms_venv from $lmms_lock in $((SECONDS - start))s (bridge test)"
   else
     echo "install.sh: lmms-eval could not be installed into $lmms_venv from $lmms_lock (see $lmms_venv/install.log); the lmms-eval bridge test will be skipped" >&2
   fi
+}
+if [ -n "$suffix" ] && [ "$(cat "$lmms_venv/.synthalign-lmms-eval" 2>/dev/null)" != "$lmms_want" ]; then
+  install_lmms_eval &
 fi
 
 stamp="$venv/.synthalign-install"
