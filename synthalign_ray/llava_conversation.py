@@ -1,4 +1,5 @@
-"""LLaVA-1.5's own conversation format (`conv_vicuna_v1` in LLaVA's llava/conversation.py) for training rows.
+"""LLaVA-1.5's own conversation format (`conv_vicuna_v1` in LLaVA's llava/conversation.py) for training rows
+and evaluation prompts.
 
 LLaVA-1.5 was trained, and its authors evaluate it, on the vicuna_v1 conversation, tokenized with the BOS
 token in front:
@@ -24,6 +25,20 @@ VICUNA_V1_SYSTEM = (
 def llava_v1_prompt(question: str, *, system: str = VICUNA_V1_SYSTEM, image_token: str = "<image>") -> str:
     """The vicuna_v1 prompt for one image and one question, up to the assistant's turn."""
     return f"{system} USER: {image_token}\n{question} ASSISTANT:"
+
+
+def llava_v1_chat_template(*, system: str = VICUNA_V1_SYSTEM, image_token: str = "<image>") -> str:
+    """A Jinja chat template that renders one user turn (an image, then its question) as `llava_v1_prompt`
+    does, for the engines' chat-template step (`processor.apply_chat_template(..., chat_template=...)`):
+    the image placeholder first and a newline, as LLaVA's evaluation scripts put it, whatever the order of
+    the message's parts. The tokenizer adds BOS, as LLaVA's does."""
+    return (
+        f"{system} USER: "
+        "{% for message in messages if message.role == 'user' %}"
+        "{% for part in message.content if part.type == 'image' %}" + image_token + "\n{% endfor %}"
+        "{% for part in message.content if part.type == 'text' %}{{ part.text }}{% endfor %}"
+        "{% endfor %} ASSISTANT:"
+    )
 
 
 def _texts(messages: list[dict[str, Any]], role: str) -> str:

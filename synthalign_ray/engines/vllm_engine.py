@@ -100,6 +100,7 @@ def build_engine_processor(
     runtime_env: Mapping[str, Any] | None = None,
     continue_on_error: bool = False,
     multi_sample: bool = False,
+    chat_template: str | None = None,
 ):
     """A `ray.data.llm` Processor over a vLLM engine pool with this project's CPU/GPU defaults.
 
@@ -117,6 +118,7 @@ def build_engine_processor(
             without, the row gets `__inference_error__` and bypasses postprocess.
         multi_sample: one engine request per entry of a row's `sampling_params_list` (see the module
             docstring); the answers come back in the row's `samples` list.
+        chat_template: a Jinja chat template that renders the rows' `messages` instead of the model's own.
     """
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -160,7 +162,7 @@ def build_engine_processor(
         # True needs ray[serve] and a metrics port; batch jobs read Ray Data's own stats instead.
         log_engine_metrics=False,
         prepare_multimodal_stage=False,
-        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS, "chat_template": chat_template},
         tokenize_stage=False,
         detokenize_stage=False,
     )

@@ -119,10 +119,16 @@ def read_image(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def answer_prompts(
-    rows: list[dict[str, Any]], model: str, *, pool: VLLMPoolConfig, engine_kwargs: dict[str, Any]
+    rows: list[dict[str, Any]],
+    model: str,
+    *,
+    pool: VLLMPoolConfig,
+    engine_kwargs: dict[str, Any],
+    chat_template: str | None = None,
 ) -> dict[str, dict[str, str]]:
     """Greedy answers of `model` to prompt rows ({"id", "image_uri", "prompt", "max_tokens"}), as Ray Data
-    batch inference over one vLLM pool: id -> {"answer", "finish_reason"}."""
+    batch inference over one vLLM pool: id -> {"answer", "finish_reason"}. `chat_template` (Jinja) renders
+    the prompts instead of the model's own template."""
     import ray
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +146,9 @@ def answer_prompts(
     if len(set(ids)) != len(ids):
         raise ValueError("prompt ids repeat")
     requests = [{name: row[name] for name in ("id", "image_uri", "prompt", "max_tokens")} for row in rows]
-    processor = build_engine_processor(model, preprocess=preprocess, postprocess=postprocess, pool=pool, engine_kwargs=engine_kwargs)
+    processor = build_engine_processor(
+        model, preprocess=preprocess, postprocess=postprocess, pool=pool, engine_kwargs=engine_kwargs, chat_template=chat_template
+    )
     blocks = math.ceil(len(requests) / pool.batch_size)
     ds = ray.data.from_items(requests, override_num_blocks=max(1, min(blocks, 64))).map(read_image, num_cpus=LIGHT_STAGE_CPUS)
     answers = {row["id"]: {"answer": row["answer"], "finish_reason": row["finish_reason"]} for row in processor(ds).iter_rows()}

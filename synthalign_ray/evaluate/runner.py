@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -39,6 +39,7 @@ from synthalign_ray.evaluate.chair import ChairConfig
 from synthalign_ray.evaluate.common import answer_prompts
 from synthalign_ray.evaluate.mmhal import MmhalConfig
 from synthalign_ray.evaluate.pope import PopeConfig
+from synthalign_ray.llava_conversation import llava_v1_chat_template
 from synthalign_ray.stages.common import StrictModel, check_model_ref
 
 BENCHMARKS = ("pope", "chair", "mmhal", "amber")
@@ -48,8 +49,18 @@ class GenerationConfig(StrictModel):
     """Decoding of the evaluated models: greedy, as the official evaluation scripts."""
 
     max_tokens: int = Field(128, ge=1, description="POPE answers' budget (LLaVA's POPE evaluation allows 128 new tokens)")
+    prompt_format: Literal["chat_template", "llava_v1"] = Field(
+        "chat_template",
+        description="chat_template: the evaluated model's own chat template renders the prompts; llava_v1: "
+        "LLaVA-1.5's official vicuna_v1 conversation (its system sentence, then USER: <image>\\n{question} "
+        "ASSISTANT:), as LLaVA's evaluation scripts prompt LLaVA-1.5 models and the paper's numbers were made",
+    )
     pool: VLLMPoolConfig = Field(default_factory=VLLMPoolConfig)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.AsyncEngineArgs")
+
+    def chat_template(self) -> str | None:
+        """The chat template the engines render prompts with (None: the model's own)."""
+        return llava_v1_chat_template() if self.prompt_format == "llava_v1" else None
 
 
 class EvalConfig(StrictModel):
@@ -128,7 +139,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="synthalign-eval-") as scratch:
         for m in models:
             served = _served_model(m, output, scratch)
-            answers[m.label] = answer_prompts(prompts, served, pool=cfg.generation.pool, engine_kwargs=cfg.generation.engine_kwargs)
+            answers[m.label] = answer_prompts(prompts, served, pool=cfg.generation.pool, engine_kwargs=cfg.generation.engine_kwargs, chat_template=cfg.generation.chat_template())
     replies = _judge_mmhal(cfg.mmhal, inputs["mmhal"]["prompts"], answers) if "mmhal" in benchmarks else {}
 
     results: dict[str, dict[str, Any]] = {}
