@@ -238,6 +238,7 @@ def _vllm_chat_stage(ds, job: _ChatJob):
         images_per_prompt=int(job.images),
         engine_kwargs=job.cfg.engine_kwargs,
         continue_on_error=True,
+        label=job.stage,
     )
     ds = processor(ds).map(finish_row, num_cpus=LIGHT_STAGE_CPUS)
     return carry.restore_input_types(ds, job.output_fields)

@@ -101,6 +101,7 @@ def build_engine_processor(
     continue_on_error: bool = False,
     multi_sample: bool = False,
     chat_template: str | None = None,
+    label: str | None = None,
 ):
     """A `ray.data.llm` Processor over a vLLM engine pool with this project's CPU/GPU defaults.
 
@@ -119,6 +120,8 @@ def build_engine_processor(
         multi_sample: one engine request per entry of a row's `sampling_params_list` (see the module
             docstring); the answers come back in the row's `samples` list.
         chat_template: a Jinja chat template that renders the rows' `messages` instead of the model's own.
+        label: what this engine is in the run (an answerer's name, a stage): its operators and actors are
+            named `UDF[label]`, so the stage table and the logs tell two engines of one run apart.
     """
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -178,7 +181,16 @@ def build_engine_processor(
     # longer sees the placement group (popped on the first run) and asks for a GPU.
     udf = _multi_sample_udf() if multi_sample else _engine_udf()
     processor.stages[name] = processor.stages[name].model_copy(update={"fn": udf})
+    if label:
+        for key, stage in processor.stages.items():
+            processor.stages[key] = stage.model_copy(update={"fn": labelled(stage.fn, label)})
     return processor
+
+
+def labelled(udf: type, label: str) -> type:
+    """`udf` under the name `UDF[label]`, the name Ray Data gives its operator (`MapBatches(UDF[label])`) and
+    its actors. A class made at run time, so Ray's cloudpickle ships it by value."""
+    return type(f"{udf.__name__}[{label}]", (udf,), {})
 
 
 def submitted_job_env_vars() -> dict[str, str]:

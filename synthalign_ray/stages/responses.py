@@ -197,6 +197,7 @@ def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run
         engine_kwargs=model.engine_kwargs,
         continue_on_error=continue_on_error,
         multi_sample=True,
+        label=model.name,
     )
     return processor(ds).map(finish_row, num_cpus=LIGHT_STAGE_CPUS)
 

@@ -147,6 +147,10 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     # the source reads the run's prompts file in whole blocks (Ray Data splits none: no SplitBlocks)
     assert stages[0]["stage"] == "ReadBlockFile" and stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
     assert any(stage["stage"] == "MapBatches(ImageGenerator)" for stage in stages)
+    # Each answerer's engine is named after it (build_engine_processor's label): the two can be told apart.
+    names = [stage["stage"] for stage in stages]
+    assert {"MapBatches(MultiSampleEngineUDF[llava-1.5])", "MapBatches(MultiSampleEngineUDF[llava-next])"} <= set(names), names
+    assert {"MapBatches(ChatTemplateUDF[llava-1.5])", "MapBatches(ChatTemplateUDF[llava-next])"} <= set(names), names
     assert all(stage["rows_out"] == 5 for stage in stages)
     assert 0 < manifest["execution_seconds"] <= manifest["seconds"]
 
