@@ -201,9 +201,6 @@ def submitted_job_env_vars() -> dict[str, str]:
     return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
-CPU_ENGINE_DEFAULTS = {"enforce_eager": True, "async_scheduling": False, "enable_chunked_prefill": False}
-
-
 def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Ray placement group config and vLLM engine defaults of one replica with `num_gpus` GPUs (0: CPU)
     over `workers` tensor/pipeline-parallel workers."""
@@ -213,7 +210,8 @@ def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None
         # do ("CPU Generator does not use offset"): the engine dies. It discards one under async scheduling
         # and whenever a prompt's prefill is split over steps (chunked prefill, as soon as a batch's prompts
         # outgrow max_num_batched_tokens), so both are off.
-        return {"bundles": [{"CPU": 1} for _ in range(workers)]}, CPU_ENGINE_DEFAULTS
+        engine = {"enforce_eager": True, "async_scheduling": False, "enable_chunked_prefill": False}
+        return {"bundles": [{"CPU": 1} for _ in range(workers)]}, engine
     if num_gpus == workers:
         return None, {}  # Ray's default: one {"GPU": 1, "CPU": 1} bundle per worker
     per_worker = num_gpus / workers

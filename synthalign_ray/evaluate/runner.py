@@ -139,7 +139,13 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="synthalign-eval-") as scratch:
         for m in models:
             served = _served_model(m, output, scratch)
-            answers[m.label] = answer_prompts(prompts, served, pool=cfg.generation.pool, engine_kwargs=cfg.generation.engine_kwargs, chat_template=cfg.generation.chat_template())
+            answers[m.label] = answer_prompts(
+                prompts,
+                served,
+                pool=cfg.generation.pool,
+                engine_kwargs=cfg.generation.engine_kwargs,
+                chat_template=cfg.generation.chat_template(),
+            )
     replies = _judge_mmhal(cfg.mmhal, inputs["mmhal"]["prompts"], answers) if "mmhal" in benchmarks else {}
 
     results: dict[str, dict[str, Any]] = {}
