@@ -1,13 +1,11 @@
 """Faults on a multi-node Ray cluster (`ray.cluster_utils.Cluster` on this machine), as spot GPUs meet them.
 
-In one run, since each run pays the actors' start-up again:
 - A node is lost mid-generation (its processes SIGKILLed, as a preempted spot VM) and the autoscaler's
   replacement joins: the run goes on (Ray restarts the lost actor, retries its tasks, rebuilds lost
   objects) and the output still holds every prompt exactly once.
 - A row kills its replica every time (SYNTHALIGN_INJECT_CRASHES, as an OOM kill would): Ray restarts the
   replica and resubmits the batch; after `crash_retries` reruns the stage records the batch's rows failed
   instead of running it again, and the rest of the run completes.
-Then:
 - A local output path on a cluster of several nodes is refused unless resources.shared_filesystem says
   every node mounts it.
 
@@ -94,22 +92,13 @@ def rows(out: Path, folder: str) -> list[dict]:
     return [row for shard in sorted((out / folder).glob("*.parquet")) for row in pq.read_table(shard, columns=["id", "status", "failed_stage", "error"]).to_pylist()]
 
 
-def test_node_lost_and_a_replica_killed_on_every_try_in_one_run(cluster, generate, tmp_path):
-    """Both faults in one run (each run pays the actors' start-up again), as a spot cluster meets them."""
+def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, generate, tmp_path):
     cluster, common = cluster
     doomed = cluster.add_node(
         num_cpus=1, resources={"diffusion_node": 1}, env_vars={"SYNTHALIGN_INJECT_DELAYS": f"images:{STUCK_ROW}=900"}, **common
     )
-    out = tmp_path / "faults"
-    process = generate(
-        cluster.address,
-        out,
-        IMAGES_ON_DIFFUSION_NODE,
-        f"resources.env.SYNTHALIGN_INJECT_CRASHES=image_scores:{CRASH_ROW}",
-        f"image_scores.pool.crash_retries={CRASH_RETRIES}",
-        "image_scores.pool.batch_size=2",  # a batch is a block: the rows failed together are the block's
-        "resources.max_failed_fraction=0.5",  # 2 of 6 rows fail by design: the run is a success
-    )
+    out = tmp_path / "node-lost"
+    process = generate(cluster.address, out, IMAGES_ON_DIFFUSION_NODE)
     # The node goes once the stuck block is in its image stage. Not at the first shard: the blocks reach
     # the one image replica in any order, and those queued behind the stuck block wait with it.
     deadline = time.time() + 400
@@ -120,21 +109,37 @@ def test_node_lost_and_a_replica_killed_on_every_try_in_one_run(cluster, generat
     cluster.remove_node(doomed, allow_graceful=False)  # preempted: SIGKILL, no drain
     cluster.add_node(num_cpus=1, resources={"diffusion_node": 1}, **common)  # the autoscaler's replacement
 
-    manifest, log = finish(process, out)
+    manifest, _ = finish(process, out)
     written = [row["id"] for folder in ("pairs", "dropped", "failed") for row in rows(out, folder)]
     assert sorted(written) == PROMPT_IDS  # each prompt once: nothing lost, nothing written twice
     assert STUCK_ROW not in committed_before  # the node went with work in flight
     counts = manifest["counts"]
     assert counts["pairs"] + counts["dropped"] + counts["failed"] == len(PROMPT_IDS)
+    # Ray re-ran the lost node's work elsewhere: no row had to be given up.
+    assert counts["failed"] == 0, rows(out, "failed")
 
-    # The lost node: Ray re-ran its work elsewhere, so none of its rows had to be given up. The crashing
-    # block: after `crash_retries` reruns its rows are failed, and the rest of the run completes.
+
+def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(cluster, generate, tmp_path):
+    cluster, _ = cluster
+    out = tmp_path / "crashes"
+    process = generate(
+        cluster.address,
+        out,
+        f"resources.env.SYNTHALIGN_INJECT_CRASHES=image_scores:{CRASH_ROW}",
+        f"image_scores.pool.crash_retries={CRASH_RETRIES}",
+        "image_scores.pool.batch_size=2",  # a batch is a block: the rows failed together are the block's
+        "resources.max_failed_fraction=0.5",  # 2 of 6 rows fail by design: the run is a success
+    )
+    manifest, log = finish(process, out)
+
     failed = rows(out, "failed")
     crash_block = {"transport-0001", "weather-0001"}
     assert {row["id"] for row in failed} == crash_block
     assert all(row["status"] == "failed" and row["failed_stage"] == "image_scores" for row in failed)
     assert all(row["error"].startswith(f"ReplicaDied: the image_scores replica running this row's batch died {CRASH_RETRIES + 1} times") for row in failed)
-    assert counts["failed_by_stage"] == {"image_scores": 2}
+    others = [row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)]
+    assert sorted(others) == sorted(set(PROMPT_IDS) - crash_block)
+    assert manifest["counts"]["failed_by_stage"] == {"image_scores": 2}
     # The first try and each rerun met a fresh replica and killed it.
     assert log.count("injected crash on") == CRASH_RETRIES + 1, log[-6000:]
 
