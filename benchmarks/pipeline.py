@@ -59,7 +59,7 @@ from synthalign_ray.cli import app
 used_samples = []
 def poll():
     import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+    from synthalign_ray.ray_private import object_store_bytes_used
     state = None
     while True:
         time.sleep(0.5)
@@ -67,8 +67,7 @@ def poll():
             if not ray.is_initialized():
                 state = None
                 continue
-            state = state or get_state_from_address(ray.get_runtime_context().gcs_address)
-            used = get_memory_info_reply(state).store_stats.object_store_bytes_used
+            used, state = object_store_bytes_used(ray.get_runtime_context().gcs_address, state)
             used_samples.append(used)
             if len(used_samples) % 20 == 0:  # every 10 s, into the log: where in the run the peaks are
                 rss = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
-from synthalign_ray import progress, store, zoo
+from synthalign_ray import progress, ray_private, store, zoo
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
 from synthalign_ray.engines.chat import ChatModelConfig
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, submitted_job_env_vars
+from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.lease import output_lease
 from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, on_driver_node, start_batch_attempts
@@ -172,7 +172,7 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
     # Under `ray job submit`, the job's runtime env already reaches every worker of the job, and ray.init
     # refuses an env var the job's runtime env sets too (e.g. SYNTHALIGN_ZOO in --runtime-env-json):
     # those are left to the job.
-    env = {key: value for key, value in env.items() if key not in submitted_job_env_vars()}
+    env = {key: value for key, value in env.items() if key not in ray_private.submitted_job_env_vars()}
     joining = resources.ray_address is not None or "RAY_ADDRESS" in os.environ  # e.g. under `ray job submit`
     # A set num_cpus asks for a local Ray of the run's own: ray.init(address=None) would join a cluster
     # that `ray start` left running on this machine instead, and refuse num_cpus there.
@@ -399,9 +399,7 @@ def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, 
 def drive_wave(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: str, context, build) -> WaveResult:
     """The body of `run_in_wave_process`: builds the wave's dataset with the driver's Ray Data settings
     and writes it to `output`."""
-    import ray
-
-    ray.data.DataContext._set_current(context)
+    ray_private.set_current_data_context(context)
     sink = store.StatusSplitDatasink(output)
     dataset = build(cfg, wave)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})

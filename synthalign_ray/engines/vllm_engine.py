@@ -20,11 +20,11 @@ configures it; `build_vision_language_processor` (above) and the responses stage
   (several small engines on one GPU): vLLM's memory share then shrinks with it.
 - one BOS per prompt: a chat template that writes the BOS itself (Llama-3's `<|begin_of_text|>`) renders
   it into the prompt text, and Ray's vLLM stage has vLLM encode that text with special tokens added
-  (it passes no `tokenization_kwargs` to `generate`): two BOS. `_engine_udf` swaps in a subclass of Ray's
+  (it passes no `tokenization_kwargs` to `generate`): two BOS. `ray_private.vllm_engine_udf` is a subclass of Ray's
   stage UDF that sends such a prompt as token ids encoded without special tokens (`chat_prompt_token_ids`).
 - several samples per row (`multi_sample=True`): Ray's vLLM stage sends exactly one request per row
   and keeps only the first completion, so N answers to the same prompt would otherwise need N engine
-  pools. `_multi_sample_udf` swaps in a further subclass that sends one request per entry of
+  pools. `ray_private.multi_sample_vllm_engine_udf` is a further subclass that sends one request per entry of
   the row's `sampling_params_list` to the same engine (concurrently, so vLLM batches them and its
   prefix cache shares the image prefill) and returns them as the row's `samples` list.
 
@@ -38,15 +38,13 @@ a spawned process that re-imports the main module.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import Field, model_validator
 
-from synthalign_ray import zoo
+from synthalign_ray import ray_private, zoo
 from synthalign_ray.stages.common import ReplicasConfig
 from synthalign_ray.store import decode_image
 
@@ -151,7 +149,7 @@ def build_engine_processor(
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB))
     # build_processor calls ray.init with this runtime env, which under `ray job submit` refuses a
     # variable the job's runtime env sets too; the job's value reaches the engines anyway.
-    env = {key: value for key, value in env.items() if key not in submitted_job_env_vars()}
+    env = {key: value for key, value in env.items() if key not in ray_private.submitted_job_env_vars()}
 
     config = vLLMEngineProcessorConfig(
         model_source=zoo.resolve(model),
@@ -176,14 +174,15 @@ def build_engine_processor(
         preprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
         postprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
     )
-    name = next(name for name, stage in processor.stages.items() if name.startswith("vLLMEngineStage"))
-    # model_copy, not assignment: assigning a field re-runs the stage's validator, which then no
-    # longer sees the placement group (popped on the first run) and asks for a GPU.
-    udf = _multi_sample_udf() if multi_sample else _engine_udf()
-    processor.stages[name] = processor.stages[name].model_copy(update={"fn": udf})
+    name = next(name for name in processor.list_stage_names() if name.startswith("vLLMEngineStage"))
+    if multi_sample:
+        udf = ray_private.multi_sample_vllm_engine_udf(chat_prompt_token_ids, SAMPLING_PARAMS_LIST, SAMPLES, _sample)
+    else:
+        udf = ray_private.vllm_engine_udf(chat_prompt_token_ids)
+    ray_private.set_processor_stage_udf(processor, name, udf)
     if label:
-        for key, stage in processor.stages.items():
-            processor.stages[key] = stage.model_copy(update={"fn": labelled(stage.fn, label)})
+        for key in processor.list_stage_names():
+            ray_private.set_processor_stage_udf(processor, key, labelled(processor.get_stage_by_name(key).fn, label))
     return processor
 
 
@@ -191,14 +190,6 @@ def labelled(udf: type, label: str) -> type:
     """`udf` under the name `UDF[label]`, the name Ray Data gives its operator (`MapBatches(UDF[label])`) and
     its actors. A class made at run time, so Ray's cloudpickle ships it by value."""
     return type(f"{udf.__name__}[{label}]", (udf,), {})
-
-
-def submitted_job_env_vars() -> dict[str, str]:
-    """The env vars of the runtime env `ray job submit` gave this driver (none outside a submitted job)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
-    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def engine_devices(num_gpus: float, workers: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -309,18 +300,6 @@ def finish_reason(num_generated_tokens: int, max_tokens: int) -> str:
     return "length" if num_generated_tokens >= max_tokens else "stop"
 
 
-# Row keys that make up one engine request (see Ray's vLLMEngineWrapper._prepare_llm_request).
-_REQUEST_KEYS = (
-    "prompt",
-    "tokenized_prompt",
-    "multimodal_data",
-    "mm_processor_kwargs",
-    "multimodal_uuids",
-    "tokenization_kwargs",
-    "sampling_params",
-)
-
-
 def chat_prompt_token_ids(prompt: str, tokenizer) -> list[int] | None:
     """The token ids of a rendered chat prompt that already starts with the BOS token's text, else None.
 
@@ -334,67 +313,6 @@ def chat_prompt_token_ids(prompt: str, tokenizer) -> list[int] | None:
     if not bos or not prompt.startswith(bos):
         return None
     return list(tokenizer.encode(prompt, add_special_tokens=False))
-
-
-@functools.cache
-def _engine_udf():
-    """Ray's vLLM stage UDF, sending a prompt that starts with the BOS text as token ids (see
-    `chat_prompt_token_ids`); everything else is Ray's. Built on first use: importing Ray's stage module
-    imports torch and vLLM's helpers."""
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
-
-    class EngineUDF(vLLMEngineStageUDF):
-        async def _generate_with_error_handling(self, row: dict[str, Any], batch_uuid):
-            if row.get("prompt") and row.get("tokenized_prompt") is None:
-                ids = chat_prompt_token_ids(row["prompt"], self.llm.engine.get_tokenizer())
-                if ids is not None:
-                    # In place: Ray's request builder pops the request keys (the image too) from this row.
-                    row["tokenized_prompt"] = ids
-            return await super()._generate_with_error_handling(row, batch_uuid)
-
-    return EngineUDF
-
-
-@functools.cache
-def _multi_sample_udf():
-    """`_engine_udf`, answering each row once per entry of its `sampling_params_list`.
-
-    Each request goes through the parent's `_generate_with_error_handling`, so engine errors, fatal-error
-    restarts and `should_continue_on_error` behave exactly as in Ray's stage; only the fan-out is added here.
-    """
-    import asyncio
-    import uuid
-
-    from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
-
-    class MultiSampleEngineUDF(_engine_udf()):
-        async def udf(self, batch: list[dict[str, Any]]):
-            batch_uuid = uuid.uuid4()
-            tasks = [asyncio.create_task(self._answer_row(row, batch_uuid)) for row in batch]
-            for done in asyncio.as_completed(tasks):
-                yield await done
-
-        async def _answer_row(self, row: dict[str, Any], batch_uuid) -> dict[str, Any]:
-            idx = row[self.IDX_IN_BATCH_COLUMN]
-            # Popped so they do not travel on in the row (the image above all); the parent pops them too.
-            request = {key: row.pop(key) for key in _REQUEST_KEYS if key in row}
-            params_list = row.pop(SAMPLING_PARAMS_LIST, None)
-            params_list = [request["sampling_params"]] if params_list is None else list(params_list)
-            params_list = [maybe_convert_ndarray_to_list(dict(params)) for params in params_list]
-            outputs = await asyncio.gather(
-                *(
-                    self._generate_with_error_handling(
-                        {**request, "sampling_params": dict(params), self.IDX_IN_BATCH_COLUMN: idx}, batch_uuid
-                    )
-                    for params in params_list
-                )
-            )
-            return {
-                self.IDX_IN_BATCH_COLUMN: idx,
-                SAMPLES: [_sample(output, params["max_tokens"]) for output, params in zip(outputs, params_list)],
-            }
-
-    return MultiSampleEngineUDF
 
 
 def _sample(output: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Contract tests of `synthalign_ray.ray_private`, one per use of Ray's private API: each fails when a Ray
+release changes what the use relies on. The processor is built exactly as a run builds it (Ray's
+`build_processor`, through `build_engine_processor`); no engine starts."""
+
+import ast
+import copy
+import inspect
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import ray
+
+from synthalign_ray import ray_private
+from synthalign_ray.engines import vllm_engine
+
+
+def test_written_against_the_installed_ray():
+    assert ray.__version__ == ray_private.WRITTEN_AGAINST_RAY, "Ray changed: run this file, mend ray_private.py"
+
+
+def test_submitted_job_env_vars_reads_the_job_config_ray_job_submit_sets(monkeypatch):
+    # The variable the job supervisor sets in a submitted driver's environment.
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"SYNTHALIGN_ZOO": "/zoo"}}})
+    )
+    assert ray_private.submitted_job_env_vars() == {"SYNTHALIGN_ZOO": "/zoo"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert ray_private.submitted_job_env_vars() == {}
+
+
+def test_set_current_data_context_makes_it_current():
+    previous = ray.data.DataContext.get_current()
+    context = copy.deepcopy(previous)
+    context.target_max_block_size = previous.target_max_block_size + 1
+    try:
+        ray_private.set_current_data_context(context)
+        assert ray.data.DataContext.get_current() is context
+    finally:
+        ray_private.set_current_data_context(previous)
+
+
+def test_vllm_request_keys_are_those_ray_pops_into_a_request():
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(vLLMEngineWrapper._prepare_llm_request)))
+    popped = {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "pop"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "row"
+    }
+    assert popped == set(ray_private.VLLM_REQUEST_KEYS)
+
+
+def test_vllm_stage_udf_hooks_keep_their_shape():
+    from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF, vLLMEngineWrapper
+
+    generate = vLLMEngineStageUDF._generate_with_error_handling
+    assert inspect.iscoroutinefunction(generate)
+    assert list(inspect.signature(generate).parameters) == ["self", "row", "batch_uuid"]
+    assert inspect.isasyncgenfunction(vLLMEngineStageUDF.udf)
+    assert list(inspect.signature(vLLMEngineStageUDF.udf).parameters) == ["self", "batch"]
+    assert isinstance(vLLMEngineStageUDF.IDX_IN_BATCH_COLUMN, str)
+    # The UDF reaches the tokenizer as self.llm.engine.get_tokenizer(): its engine wrapper and vLLM's engine.
+    assert "self.llm = vLLMEngineWrapper(" in inspect.getsource(vLLMEngineStageUDF.__init__)
+    assert "self.engine = " in inspect.getsource(vLLMEngineWrapper.__init__)
+    assert maybe_convert_ndarray_to_list({"stop": np.array(["a", "b"])}) == {"stop": ["a", "b"]}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """A multi-sample, labelled vLLM processor as the responses stage builds it (build_processor starts a
+    local Ray)."""
+    yield vllm_engine.build_engine_processor(
+        "/nonexistent-model",
+        preprocess=lambda row: row,
+        postprocess=lambda row: row,
+        pool=vllm_engine.VLLMPoolConfig(num_gpus=0),
+        multi_sample=True,
+        label="llava",
+    )
+    ray.shutdown()
+
+
+def test_set_processor_stage_udf_swaps_the_udf_and_keeps_the_stage(processor):
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+
+    names = processor.list_stage_names()
+    engine_name = next(name for name in names if name.startswith("vLLMEngineStage"))
+    engine = processor.get_stage_by_name(engine_name)
+    assert issubclass(engine.fn, vLLMEngineStageUDF)
+    assert [processor.get_stage_by_name(name).fn.__name__ for name in names][-1] == "MultiSampleEngineUDF[llava]"
+    # What Ray's validator computed for the stage from the CPU placement group: a CPU actor, no GPU.
+    assert engine.map_batches_kwargs["num_cpus"] == 1 and "num_gpus" not in engine.map_batches_kwargs
+    before = processor.get_stage_by_name(engine_name)
+    ray_private.set_processor_stage_udf(processor, engine_name, vllm_engine.labelled(before.fn, "again"))
+    after = processor.get_stage_by_name(engine_name)
+    assert after.fn.__name__ == "MultiSampleEngineUDF[llava][again]"
+    assert after.map_batches_kwargs == before.map_batches_kwargs
+    assert processor.list_stage_names() == names
+
+
+def test_object_store_bytes_used_counts_a_put_object(processor):
+    gcs = ray.get_runtime_context().gcs_address
+    before, state = ray_private.object_store_bytes_used(gcs)
+    ref = ray.put(np.zeros(4 * 2**20, dtype=np.uint8))  # 4 MiB: over the inline limit, so in the store
+    used, _ = ray_private.object_store_bytes_used(gcs, state)
+    assert used - before >= 4 * 2**20
+    del ref
+
+
+def test_private_ray_is_reached_from_ray_private_only():
+    """No other module of the package or the benchmarks imports Ray's private modules or calls a private
+    Ray attribute (`ray.<...>._name`)."""
+    from tests.conftest import REPO
+
+    private_modules = ("ray._private", "ray.llm._internal", "ray.data._internal", "ray._raylet")
+    offenders = []
+    for path in [*(REPO / "synthalign_ray").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), *(REPO / "jobs").rglob("*.py")]:
+        if path == REPO / "synthalign_ray" / "ray_private.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                chain, value = [node.attr], node.value
+                while isinstance(value, ast.Attribute):
+                    chain.append(value.attr)
+                    value = value.value
+                if isinstance(value, ast.Name) and value.id == "ray":
+                    names = [".".join(["ray", *reversed(chain)])]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {name}" for name in names
+                          if name.startswith(private_modules) or (name.startswith("ray.") and "._" in name)]
+    assert offenders == []
