@@ -3,7 +3,7 @@ with the official parser.
 
 General benchmarks (MME, MMBench, SEED, ...) run in lmms-eval (its own virtualenv: it pins its own torch
 and transformers) against the merged model served by vLLM's OpenAI-compatible server, through lmms-eval's
-`openai` model (`model_version`, `base_url`, `api_key`; README "Evaluation" has the commands):
+`openai` model (`model_version`, `base_url`, `api_key`; docs/evaluation.md has the commands):
 
     vllm serve runs/dpo/merged --served-model-name trained --port 8000
     OPENAI_API_KEY=none lmms-eval --model openai --model_args model_version=trained,base_url=http://localhost:8000/v1 \

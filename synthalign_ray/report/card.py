@@ -147,7 +147,7 @@ def render_card(report: dict[str, Any], *, features: dict | None = None, pretty_
     if not manifest["present"]:
         add("No manifest.json in the run folder: models, config and versions of the generation are unknown.\n")
     if rows["dropped_by_reason"]:
-        add("Drop reasons (see the README's Output section):\n")
+        add("Drop reasons (see synthalign-ray's docs/generation.md, Output):\n")
         add(_table(["drop_reason", "rows"], [[k, v] for k, v in rows["dropped_by_reason"].items()]) + "\n")
     if rows["failed_by_stage"]:
         add(_table(["failed_stage", "rows"], [[k, v] for k, v in rows["failed_by_stage"].items()]) + "\n")
