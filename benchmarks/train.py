@@ -51,7 +51,7 @@ def plain_trl(cfg, data: str, output: str) -> tuple[float, float]:
     from transformers import AutoProcessor, TrainerCallback, set_seed
     from trl import DPOTrainer
 
-    from synthalign_ray.stages.common import resolve_model_path
+    from synthalign_ray.base import resolve_model_path
 
     started = time.time()
     step_end: dict[int, float] = {}

@@ -236,7 +236,7 @@ def merge(
     """Merge a LoRA adapter into its base model, saved in the HF format vLLM serves (with processor files)."""
     from pathlib import Path
 
-    from synthalign_ray.stages.common import resolve_model_path
+    from synthalign_ray.base import resolve_model_path
     from synthalign_ray.train.merge import merge_adapter
 
     config_file = Path(adapter) / "adapter_config.json"

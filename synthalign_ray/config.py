@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.errors import UserError
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 from synthalign_ray.stages.image_scores import ImageScoresConfig
 from synthalign_ray.stages.images import ImagesConfig
 from synthalign_ray.stages.instructions import InstructionsConfig

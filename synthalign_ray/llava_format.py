@@ -29,7 +29,7 @@ from pyarrow import fs as pafs
 
 from synthalign_ray import store
 from synthalign_ray.errors import UserError
-from synthalign_ray.stages.common import STATUS_OK
+from synthalign_ray.base import STATUS_OK
 from synthalign_ray.stages.pairs import PAIR_FIELDS, trl_columns
 from synthalign_ray.stages.prompts import INPUT_SCHEMA
 

@@ -37,7 +37,8 @@ from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.lease import output_lease
-from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, on_driver_node, start_batch_attempts
+from synthalign_ray.stages.common import on_driver_node, start_batch_attempts
+from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
 from synthalign_ray.stages.instructions import add_instructions, missing_instructions

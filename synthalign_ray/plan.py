@@ -37,7 +37,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from synthalign_ray.errors import UserError
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 
 # A candidate rate T = n * r_s divided by r_s is n up to float error: without a tolerance, ceil would
 # make it n + 1 and the optimum would look infeasible.

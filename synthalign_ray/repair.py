@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from synthalign_ray import store
 from synthalign_ray.errors import UserError
 from synthalign_ray.lease import output_lease
-from synthalign_ray.stages.common import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
+from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
 # Which copy of an id is kept: the one that got furthest.
 KEEP_ORDER = (STATUS_OK, STATUS_DROPPED, STATUS_FAILED)

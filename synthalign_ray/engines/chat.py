@@ -40,15 +40,9 @@ from synthalign_ray.engines.vllm_engine import (
     build_engine_processor,
     finish_reason,
 )
-from synthalign_ray.stages.common import (
-    STATUS_FAILED,
-    STATUS_OK,
-    RowStage,
-    StrictModel,
-    check_model_ref,
-    injected_faults,
-)
-from synthalign_ray.stages.prompts import SEED_MODULUS
+from synthalign_ray.stages.common import RowStage
+from synthalign_ray.base import STATUS_FAILED, STATUS_OK, StrictModel, check_model_ref, injected_faults
+from synthalign_ray.base import SEED_MODULUS
 from synthalign_ray.store import decode_image
 
 FINISH_ERROR = "error"

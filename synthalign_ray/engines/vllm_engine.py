@@ -45,7 +45,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from synthalign_ray import ray_private, zoo
-from synthalign_ray.stages.common import ReplicasConfig
+from synthalign_ray.base import ReplicasConfig
 from synthalign_ray.store import decode_image
 
 # GiB of KV cache per CPU engine when neither the caller's runtime_env nor the driver's environment sets

@@ -66,7 +66,7 @@ from synthalign_ray.evaluate.metrics import (
     amber_response,
 )
 from synthalign_ray.evaluate.pope import LLAVA_POPE_SUFFIX, pope_prompt
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 
 AMBER_TYPES = (AMBER_GENERATIVE, *AMBER_GROUPS)
 DATA_FILES = {

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from synthalign_ray.evaluate.common import BenchmarkFileError, image_location, read_json, read_string_lists, read_text
 from synthalign_ray.evaluate.metrics import ChairVocabulary, chair_metrics, coco_ground_truth, parse_synonyms
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 
 CAPTION_PROMPT = "Please describe this image in detail."
 HEADLINE_METRICS = ("chair_s", "chair_i", "recall")

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from synthalign_ray.engines.chat import ChatModelConfig
 from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_json
-from synthalign_ray.stages.common import STATUS_OK, StrictModel
+from synthalign_ray.base import STATUS_OK, StrictModel
 
 REQUIRED_FIELDS = ("question_type", "image_src", "image_content", "question", "gt_answer")
 RATINGS = range(7)

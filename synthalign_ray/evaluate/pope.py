@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from synthalign_ray import store
 from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_text
 from synthalign_ray.evaluate.metrics import pope_metrics, pope_prediction
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 LLAVA_POPE_SUFFIX = "\nAnswer the question using a single word or phrase."

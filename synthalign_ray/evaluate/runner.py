@@ -40,7 +40,7 @@ from synthalign_ray.evaluate.common import answer_prompts
 from synthalign_ray.evaluate.mmhal import MmhalConfig
 from synthalign_ray.evaluate.pope import PopeConfig
 from synthalign_ray.llava_conversation import llava_v1_chat_template
-from synthalign_ray.stages.common import StrictModel, check_model_ref
+from synthalign_ray.base import StrictModel, check_model_ref
 
 BENCHMARKS = ("pope", "chair", "mmhal", "amber")
 
@@ -263,7 +263,7 @@ def _served_model(m: ModelUnderTest, output: str, scratch: str) -> str:
     """The folder or id vLLM loads: the model itself, or model + adapter merged."""
     if m.adapter is None:
         return m.reference
-    from synthalign_ray.stages.common import resolve_model_path
+    from synthalign_ray.base import resolve_model_path
     from synthalign_ray.train.merge import merge_adapter
 
     merged = str(Path(output) / m.label / "merged") if "://" not in output else str(Path(scratch) / "merged")

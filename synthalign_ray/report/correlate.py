@@ -30,7 +30,7 @@ from pydantic import Field
 from synthalign_ray import store
 from synthalign_ray.config import ConfigError
 from synthalign_ray.report.stats import pearson, spearman
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 
 
 def _agreement(stats: dict, pair: str) -> float | None:

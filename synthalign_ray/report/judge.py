@@ -55,7 +55,7 @@ from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest,
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.report.build import ReportError, iter_batches, run_shards
 from synthalign_ray.report.stats import SCORER_NAMES, SCORERS
-from synthalign_ray.stages.common import STATUS_OK, StrictModel
+from synthalign_ray.base import STATUS_OK, StrictModel
 from synthalign_ray.stages.instructions import template_fields
 
 DEFAULT_PROMPT = (

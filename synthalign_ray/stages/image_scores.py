@@ -16,7 +16,8 @@ from pydantic import Field, model_validator
 
 from synthalign_ray import selection
 from synthalign_ray.hf_image import IMAGE_TYPE, decode_image
-from synthalign_ray.stages.common import ActorPoolConfig, ModelRef, RowStage, StrictModel, resolve_model_path
+from synthalign_ray.stages.common import ActorPoolConfig, RowStage
+from synthalign_ray.base import ModelRef, StrictModel, resolve_model_path
 
 SCORE_COLUMNS = {"image_reward": "image_scores", "clip": "clip_scores", "blip": "blip_scores"}
 

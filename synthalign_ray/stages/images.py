@@ -20,7 +20,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from synthalign_ray.hf_image import IMAGE_TYPE, encode_image
-from synthalign_ray.stages.common import ActorPoolConfig, ModelRef, RowStage, StrictModel, resolve_model_path
+from synthalign_ray.stages.common import ActorPoolConfig, RowStage
+from synthalign_ray.base import ModelRef, StrictModel, resolve_model_path
 from synthalign_ray.stages.prompts import image_seed
 
 

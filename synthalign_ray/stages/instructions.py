@@ -30,7 +30,8 @@ from pydantic import Field, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
-from synthalign_ray.stages.common import RowStage, StrictModel
+from synthalign_ray.stages.common import RowStage
+from synthalign_ray.base import StrictModel
 from synthalign_ray.ids import IdSet, SeenIds, digests
 from synthalign_ray.stages.prompts import CHUNK_ROWS, BadRow, InputFileError, check_input_file, duplicate_rows, file_format, read_records
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
-from synthalign_ray.stages.common import StrictModel
+from synthalign_ray.base import StrictModel
 from synthalign_ray.stages.instructions import template_fields
 
 DEFAULT_RUBRIC = (

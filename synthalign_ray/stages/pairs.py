@@ -37,7 +37,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray import selection
-from synthalign_ray.stages.common import RowStage, StrictModel
+from synthalign_ray.stages.common import RowStage
+from synthalign_ray.base import StrictModel
 from synthalign_ray.store import IMAGE_TYPE
 
 # A message's content part: {"type": "image", "text": null} or {"type": "text", "text": "..."}.

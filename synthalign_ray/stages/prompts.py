@@ -23,11 +23,10 @@ from pydantic import Field, field_validator
 
 from synthalign_ray.errors import UserError
 from synthalign_ray.ids import IdSet, SeenIds, digests
-from synthalign_ray.stages.common import STATUS_OK, StrictModel
+from synthalign_ray.base import SEED_MODULUS, STATUS_OK, StrictModel
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 DEFAULT_CATEGORY = "uncategorized"
-SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
 # Rows of a prompt file the driver holds at once as Python objects (~1 KB each) while reading it.
 CHUNK_ROWS = 4096
 PROMPT_SCHEMA = pa.schema(

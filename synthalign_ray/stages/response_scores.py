@@ -36,7 +36,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from synthalign_ray import zoo
-from synthalign_ray.stages.common import ActorPoolConfig, ModelRef, RowStage, StrictModel, resolve_model_path
+from synthalign_ray.stages.common import ActorPoolConfig, RowStage
+from synthalign_ray.base import ModelRef, StrictModel, resolve_model_path
 
 log = logging.getLogger(__name__)
 

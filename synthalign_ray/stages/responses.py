@@ -46,8 +46,8 @@ from synthalign_ray.engines.vllm_engine import (
     build_engine_processor,
     image_chat_request,
 )
-from synthalign_ray.stages.common import STATUS_OK, ModelRef, StrictModel
-from synthalign_ray.stages.prompts import SEED_MODULUS
+from synthalign_ray.base import STATUS_OK, ModelRef, StrictModel
+from synthalign_ray.base import SEED_MODULUS
 
 RESPONSE_TYPE = pa.struct(
     [("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())]

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from synthalign_ray import store
 from synthalign_ray.config import ResourcesConfig
 from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
-from synthalign_ray.stages.common import STATUS_OK, StrictModel
+from synthalign_ray.base import STATUS_OK, StrictModel
 from synthalign_ray.stages.instructions import template_fields
 from synthalign_ray.stages.prompts import prompt_seed
 

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from synthalign_ray.config import WorkerEnvironment, load_config
-from synthalign_ray.stages.common import ModelRef, StrictModel
+from synthalign_ray.base import ModelRef, StrictModel
 
 # The language model's attention and MLP projections, and nothing else: in LLaVA-style models a plain
 # ["q_proj", "k_proj", "v_proj", "o_proj"] list also matches the CLIP vision tower's attention layers

@@ -215,7 +215,7 @@ def kill_at_step_callback(rank: int):
     """The SIGKILL fault of SYNTHALIGN_INJECT_FAULTS for this rank (see the module docstring), or None."""
     from transformers import TrainerCallback
 
-    from synthalign_ray.stages.common import injected_faults
+    from synthalign_ray.base import injected_faults
 
     steps = [int(f.split("-step", 1)[1]) for f in injected_faults("train") if f.startswith(f"rank{rank}-step")]
     if not steps:

@@ -7,7 +7,6 @@ the right shapes, and a build is a pure function of its seed. vLLM loading is in
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

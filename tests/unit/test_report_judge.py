@@ -5,7 +5,6 @@ import math
 import numpy as np
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 

@@ -124,7 +124,7 @@ def test_a_row_the_stage_fails_itself_is_recorded_without_a_batch_retry():
 
 
 def test_injected_delay_holds_back_only_batches_with_the_named_rows(monkeypatch):
-    from synthalign_ray.stages.common import injected_delay
+    from synthalign_ray.base import injected_delay
 
     monkeypatch.setenv("SYNTHALIGN_INJECT_DELAYS", "doubler:r1=0.5,doubler:r2=0.2,other:r0=9")
     assert injected_delay("doubler", {"r0", "r1", "r2"}) == 0.5

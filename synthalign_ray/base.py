@@ -1,0 +1,117 @@
+"""The shared base every layer stands on: row status, the strict pydantic base, model references and
+their resolution (the one place outside the CLI that reaches the zoo), the replica settings of a model
+pool, seeds, and the fault-injection switches.
+
+Import-light on purpose: config validation imports this before any model library is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from synthalign_ray import zoo
+
+# A row's status, in every stage's output and in the store's shard folders.
+STATUS_OK = "ok"  # still in the running: later stages process it
+STATUS_DROPPED = "dropped"  # filtered out on purpose, with a `drop_reason` (no instruction, tie, ...)
+STATUS_FAILED = "failed"  # a stage raised on it, even after retries: `error` and `failed_stage` say why
+SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
+
+# Chaos testing of the real retry and isolation paths (like Ray's own RAY_testing_* variables):
+# "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.
+FAULTS_ENV = "SYNTHALIGN_INJECT_FAULTS"
+DELAYS_ENV = "SYNTHALIGN_INJECT_DELAYS"
+# "image_scores:art-0001" makes the process running stage `image_scores` on a batch holding row art-0001
+# exit at once, as a preempted node or an OOM kill would: Ray's actor restarts and task retries are what
+# is tested, not our row isolation.
+CRASHES_ENV = "SYNTHALIGN_INJECT_CRASHES"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a stage on a row named in SYNTHALIGN_INJECT_FAULTS."""
+
+
+def injected_faults(stage: str, variable: str = FAULTS_ENV) -> set[str]:
+    pairs = (item.split(":", 1) for item in os.environ.get(variable, "").split(",") if ":" in item)
+    return {row_id for name, row_id in pairs if name == stage}
+
+
+def injected_delay(stage: str, row_ids: set[str]) -> float:
+    """Seconds a stage waits before a batch holding one of the rows named in SYNTHALIGN_INJECT_DELAYS
+    ("pairs:weather-0001=30,..."): holds one block back, e.g. so a test can kill a run between shards."""
+    delays = [item.rsplit("=", 1) for item in injected_faults(stage, DELAYS_ENV) if "=" in item]
+    return max((float(seconds) for row_id, seconds in delays if row_id in row_ids), default=0.0)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_model_ref(ref: str) -> str:
+    """A model reference is `zoo:NAME`, a local folder, or a hub id (`org/name`)."""
+    if ref.startswith(zoo.ZOO_PREFIX):
+        name = ref[len(zoo.ZOO_PREFIX) :]
+        if name not in zoo.BUILDERS:
+            raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(zoo.BUILDERS))}")
+        return ref
+    if Path(ref).expanduser().exists():
+        return ref
+    if ref.startswith(_PATH_PREFIXES) or not _HUB_ID.match(ref):
+        raise ValueError(f"model path {ref!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _in_hub_cache(ref):
+        raise ValueError(f"hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    return ref
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return any(repo.repo_id == repo_id for repo in scan_cache_dir().repos)
+    except Exception:  # no cache folder at all
+        return False
+
+
+ModelRef = Annotated[str, AfterValidator(check_model_ref)]
+
+
+def resolve_model_path(ref: str) -> str:
+    """The local folder behind a model reference (builds zoo models, fetches hub ids into the HF cache)."""
+    if ref.startswith(zoo.ZOO_PREFIX):
+        return zoo.resolve(ref)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(ref)
+
+
+class ReplicasConfig(StrictModel):
+    """How many replicas of a model an autoscaling Ray Data pool runs, and rows per batch."""
+
+    min_actors: int = Field(1, ge=1, description="replicas kept alive")
+    max_actors: int = Field(1, ge=1, description="replicas Ray Data may scale up to")
+    batch_size: int = Field(4, ge=1, description="rows (prompts) per batch handed to one replica")
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type every replica needs, e.g. A100 or L4 (the node resource "
+        "`accelerator_type:A100`), so that each stage lands on the GPU kind it was sized for",
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
