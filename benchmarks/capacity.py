@@ -16,7 +16,7 @@
     RSS and the object store's bytes in use (Ray's memory stats, polled every 0.5 s). Growth from 10K to
     1M rows (target < 20%). The driver side is the driver (getrusage in the subprocess, as
     benchmarks/pipeline.py (b) measures it) plus the biggest of its wave processes (each wave's Ray Data
-    execution is driven by a process of its own, `pipeline.run_in_wave_process`; its peak from the
+    execution is driven by a process of its own, `runtime.run_in_wave_process`; its peak from the
     manifest): their sum bounds the two at any moment. Each is printed alone too.
     The object store's use is a spiky series held near the budget (blocks finishing together), whose
     peak grows with the time it is watched: an 80-minute run samples 100 times more of the same spikes

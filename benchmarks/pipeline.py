@@ -15,7 +15,7 @@
 (b) Driver memory. `synthalign generate` in a subprocess on 100 and on 1000 prompts (a lighter config
     through --rss-set; every stage still runs); the subprocess prints its own peak RSS
     (getrusage(RUSAGE_SELF): the driver process alone, not Ray's workers), and the manifest has that of
-    the process that drove each wave's Ray Data execution (`pipeline.run_in_wave_process`). The driver
+    the process that drove each wave's Ray Data execution (`runtime.run_in_wave_process`). The driver
     side's peak is the driver's plus the biggest wave process's. Printed: both sizes' and the growth
     (target < 20%).
 
@@ -97,7 +97,7 @@ class DriverRun:
 
 def wave_process_peak_mib(output: Path) -> float:
     """The biggest peak RSS of the processes that drove the run's Ray Data executions, one per wave
-    (`pipeline.run_in_wave_process`), from its manifest. Added to the driver's own peak, it bounds the
+    (`runtime.run_in_wave_process`), from its manifest. Added to the driver's own peak, it bounds the
     driver side's memory at any moment."""
     return max(json.loads((output / store.MANIFEST).read_text())["wave_process_peak_rss_mib"], default=0.0)
 

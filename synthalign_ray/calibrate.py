@@ -157,7 +157,8 @@ def calibrate(cfg: SynthAlignConfig, prompts: int, output: str, *, gpu: str | No
     """Run each stage alone on `prompts` generated prompts (one replica per pool) and write the profile."""
     import ray
 
-    from synthalign_ray.pipeline import init_ray, prepare_zoo_models
+    from synthalign_ray.pipeline import prepare_zoo_models
+    from synthalign_ray.runtime import init_ray
     from synthalign_ray.simulate import simulation_config, write_prompts
     from synthalign_ray.stages.prompts import prompts_table, read_prompts
 

@@ -118,7 +118,7 @@ def evaluate(
     config_source: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmarks on every model, write the outputs (module docstring), return the summary."""
-    from synthalign_ray.pipeline import init_ray
+    from synthalign_ray.runtime import init_ray
 
     started = time.time()
     benchmarks = benchmark_list(list(benchmarks))

@@ -450,7 +450,7 @@ def verdicts(replies: pa.Table | None, x: str, y: str) -> tuple[pa.Table, dict[s
 
 def judge_run(run: str, cfg: JudgeRunConfig, output: str | None = None, *, config_source: str | None = None) -> dict[str, Any]:
     """Judge a run's disagreeing rows; write judge.json, judge.md and verdicts.parquet into `output`."""
-    from synthalign_ray.pipeline import check_chat_environment, init_ray
+    from synthalign_ray.runtime import check_chat_environment, init_ray
 
     started = time.time()
     output = output or store.join(run, "judge")

@@ -266,7 +266,7 @@ def write_topic_prompts(cfg: TopicPromptsConfig, output: str) -> dict[str, Any]:
     prompt) and `output.report.json`; returns the report."""
     import ray
 
-    from synthalign_ray.pipeline import check_chat_environment, init_ray
+    from synthalign_ray.runtime import check_chat_environment, init_ray
 
     check_chat_environment({"model": cfg.model})
     if cfg.model.backend == "vllm":

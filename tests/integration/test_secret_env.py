@@ -21,7 +21,7 @@ DRIVER = """
 import json, os, sys
 import ray
 from synthalign_ray.config import ResourcesConfig
-from synthalign_ray.pipeline import init_ray
+from synthalign_ray.runtime import init_ray
 
 init_ray(ResourcesConfig(secret_env=["SYNTHALIGN_TEST_SECRET"]))
 seen = ray.get(ray.remote(lambda: {n: os.environ.get(n) for n in ("SYNTHALIGN_TEST_SECRET", "SYNTHALIGN_TEST_UNNAMED")}).remote())

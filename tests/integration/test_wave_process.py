@@ -1,4 +1,4 @@
-"""A wave's Ray Data execution is driven by a Ray worker process of its own (`pipeline.run_in_wave_process`),
+"""A wave's Ray Data execution is driven by a Ray worker process of its own (`runtime.run_in_wave_process`),
 with the run's Ray Data settings, and that process is gone after the wave."""
 
 import json
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from synthalign_ray.config import ResourcesConfig
-from synthalign_ray.pipeline import configure_data_context, run_in_wave_process
+from synthalign_ray.runtime import configure_data_context, run_in_wave_process
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from synthalign_ray.pipeline import (
     failed_fraction,
     failure_report,
     lost_rows,
-    release_freed_memory,
 )
+from synthalign_ray.runtime import release_freed_memory
 from synthalign_ray.stages.common import ActorPoolConfig
 from synthalign_ray.stages.prompts import PromptCheck, prompts_table
 
@@ -69,7 +69,7 @@ def test_run_resources_reach_ray_data():
     from ray.data import DataContext
 
     from synthalign_ray.config import ResourcesConfig
-    from synthalign_ray.pipeline import configure_data_context
+    from synthalign_ray.runtime import configure_data_context
 
     context = DataContext()
     configure_data_context(context, ResourcesConfig(max_lost_blocks=3, object_store_memory=64 * 2**20))
