@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from synthalign_ray import zoo
+from synthalign_ray.zoo import ZOO_PREFIX
 
 # A row's status, in every stage's output and in the store's shard folders.
 STATUS_OK = "ok"  # still in the running: later stages process it
@@ -60,8 +61,8 @@ class StrictModel(BaseModel):
 
 def check_model_ref(ref: str) -> str:
     """A model reference is `zoo:NAME`, a local folder, or a hub id (`org/name`)."""
-    if ref.startswith(zoo.ZOO_PREFIX):
-        name = ref[len(zoo.ZOO_PREFIX) :]
+    if ref.startswith(ZOO_PREFIX):
+        name = ref[len(ZOO_PREFIX) :]
         if name not in zoo.BUILDERS:
             raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(zoo.BUILDERS))}")
         return ref
@@ -86,9 +87,25 @@ def _in_hub_cache(repo_id: str) -> bool:
 ModelRef = Annotated[str, AfterValidator(check_model_ref)]
 
 
+def model_source(ref: str) -> str:
+    """What a model library loads for a reference: a zoo model's folder (built on first use), else the
+    reference as is (a local folder, or a hub id that the library fetches on the node that loads it)."""
+    return zoo.resolve(ref)
+
+
+def local_model_folder(ref: str) -> Path | None:
+    """The folder of a model already on this machine's disk without building or downloading anything: a
+    built zoo model or a local folder. None for a hub id and a zoo model not built yet."""
+    if ref.startswith(ZOO_PREFIX):
+        name = ref[len(ZOO_PREFIX) :]
+        return zoo.model_dir(name) if zoo.is_built(name) else None
+    local = Path(ref).expanduser()
+    return local if local.exists() else None
+
+
 def resolve_model_path(ref: str) -> str:
     """The local folder behind a model reference (builds zoo models, fetches hub ids into the HF cache)."""
-    if ref.startswith(zoo.ZOO_PREFIX):
+    if ref.startswith(ZOO_PREFIX):
         return zoo.resolve(ref)
     local = Path(ref).expanduser()
     if local.exists():

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from synthalign_ray.engines.chat import ChatModelConfig
+from synthalign_ray.stages.chat import ChatModelConfig
 from synthalign_ray.errors import UserError
 from synthalign_ray.base import StrictModel
 from synthalign_ray.stages.image_scores import ImageScoresConfig

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
-from synthalign_ray import progress, store, zoo
+from synthalign_ray import progress, store
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.ids import IdSet, digests
@@ -43,7 +43,7 @@ from synthalign_ray.runtime import (
     run_in_wave_process,
 )
 from synthalign_ray.stages.common import start_batch_attempts
-from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
+from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, model_source
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
 from synthalign_ray.stages.instructions import add_instructions, missing_instructions
@@ -115,8 +115,7 @@ def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
 def prepare_zoo_models(cfg: SynthAlignConfig) -> None:
     """Build the zoo models a config names once, on the driver, before any actor races to do it."""
     for ref in model_refs(cfg).values():
-        if ref.startswith(zoo.ZOO_PREFIX):
-            zoo.resolve(ref)
+        model_source(ref)
 
 
 def prompt_blocks(prompts: store.BlockFileDatasource):

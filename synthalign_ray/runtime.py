@@ -14,7 +14,7 @@ from typing import Any
 
 from synthalign_ray import progress, ray_private, store
 from synthalign_ray.config import ConfigError, ResourcesConfig, SynthAlignConfig
-from synthalign_ray.engines.chat import ChatModelConfig
+from synthalign_ray.stages.chat import ChatModelConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import on_driver_node
 

@@ -11,7 +11,7 @@ struct with a null path as a struct of null, and so on. So:
 
 Rows whose status is not ok never reach the engine: preprocess returns `{"__inference_error__":
 SKIPPED}`, which every ray.data.llm stage passes through untouched, postprocess included; a map after
-the processor restores them (see `stages/responses.py`, `engines/chat.py`).
+the processor restores them (see `stages/responses.py`, `stages/chat.py`).
 """
 
 from __future__ import annotations

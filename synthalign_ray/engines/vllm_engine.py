@@ -44,9 +44,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from synthalign_ray import ray_private, zoo
-from synthalign_ray.base import ReplicasConfig
-from synthalign_ray.store import decode_image
+from synthalign_ray import ray_private
+from synthalign_ray.base import ReplicasConfig, model_source
+from synthalign_ray.hf_image import decode_image
 
 # GiB of KV cache per CPU engine when neither the caller's runtime_env nor the driver's environment sets
 # VLLM_CPU_KVCACHE_SPACE: plenty for tiny models, and small enough that several engines share a node.
@@ -152,7 +152,7 @@ def build_engine_processor(
     env = {key: value for key, value in env.items() if key not in ray_private.submitted_job_env_vars()}
 
     config = vLLMEngineProcessorConfig(
-        model_source=zoo.resolve(model),
+        model_source=model_source(model),
         engine_kwargs=engine,
         batch_size=pool.batch_size,
         concurrency=(pool.min_actors, pool.max_actors),

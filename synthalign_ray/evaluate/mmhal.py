@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 from pydantic import Field
 
-from synthalign_ray.engines.chat import ChatModelConfig
+from synthalign_ray.stages.chat import ChatModelConfig
 from synthalign_ray.evaluate.common import BenchmarkFileError, check_record, image_location, read_json
 from synthalign_ray.base import STATUS_OK, StrictModel
 
@@ -213,7 +213,7 @@ def judge_answers(items: list[dict[str, str]], judge: ChatModelConfig) -> dict[s
     (one pool for every model's answers): id -> {"judge_text", "judge_finish_reason", "judge_error"}."""
     import ray
 
-    from synthalign_ray.engines.chat import ChatRequest, add_chat_stage, user_message
+    from synthalign_ray.stages.chat import ChatRequest, add_chat_stage, user_message
 
     table = pa.table(
         {

@@ -2,7 +2,7 @@
 
 The paper asks GPT-4o, given a caption and two images, which image matches the caption better, on rows
 where the reward model (ImageReward) and CLIP picked different images: RM 53 wins, CLIP 37, 10 ties.
-This reproduces that comparison on a run folder, with any VLM judge (`engines/chat.py`: a vLLM pool or
+This reproduces that comparison on a run folder, with any VLM judge (`stages/chat.py`: a vLLM pool or
 an OpenAI-compatible endpoint) and any two of the scorer columns (`image_scores`, `clip_scores`,
 `blip_scores`).
 
@@ -51,7 +51,7 @@ from pydantic import Field, model_validator
 
 from synthalign_ray import store
 from synthalign_ray.config import ResourcesConfig
-from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.report.build import ReportError, iter_batches, run_shards
 from synthalign_ray.report.stats import SCORER_NAMES, SCORERS

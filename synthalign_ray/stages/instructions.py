@@ -11,7 +11,7 @@ them from a supplied file. Three sources here:
   "Describe this image in detail." or "Is this a faithful picture of: {t2i_prompt}?".
 - `llm`: as the paper did, an LLM rewrites each text-to-image prompt into an instruction (`llm_prompt`,
   a format string over the same fields). `llm` is a vLLM model or any OpenAI-compatible endpoint
-  (`engines/chat.py`); with `llm_sees_image` a VLM gets the kept image too. The reply's first
+  (`stages/chat.py`); with `llm_sees_image` a VLM gets the kept image too. The reply's first
   non-empty line, without quotes or an "Instruction:" label, is the instruction; an empty reply fails
   the row (recorded with the reply, retried by a rerun).
 """
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import RowStage
 from synthalign_ray.base import StrictModel

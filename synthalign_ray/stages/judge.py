@@ -2,7 +2,7 @@
 
 The paper ranks answers with ArmoRM, which reads the instruction and the answer but never the image,
 so a fluent answer that invents objects can win. This optional stage shows a VLM (vLLM or an
-OpenAI-compatible endpoint, `engines/chat.py`) the kept image, the instruction and all the row's answers,
+OpenAI-compatible endpoint, `stages/chat.py`) the kept image, the instruction and all the row's answers,
 numbered, and asks for one score per answer against a rubric (grounding, correctness, helpfulness).
 One request per row: the image is encoded once and the judge sees the answers side by side.
 
@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
 from synthalign_ray.base import StrictModel
 from synthalign_ray.stages.instructions import template_fields
 

@@ -35,9 +35,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from synthalign_ray import zoo
 from synthalign_ray.stages.common import ActorPoolConfig, RowStage
-from synthalign_ray.base import ModelRef, StrictModel, resolve_model_path
+from synthalign_ray.base import ZOO_PREFIX, ModelRef, StrictModel, local_model_folder, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +246,10 @@ def scatter(valid: Sequence[bool], values: Sequence[Any]) -> list[Any]:
 def _local_config_json(ref: str) -> dict[str, Any] | None:
     """config.json of a model that is already on disk (built zoo model, local folder, hub cache), else None."""
     path: Path | None = None
-    if ref.startswith(zoo.ZOO_PREFIX):
-        name = ref[len(zoo.ZOO_PREFIX) :]
-        if zoo.is_built(name):
-            path = zoo.model_dir(name) / "config.json"
-    elif Path(ref).expanduser().exists():
-        path = Path(ref).expanduser() / "config.json"
-    else:
+    folder = local_model_folder(ref)
+    if folder is not None:
+        path = folder / "config.json"
+    elif not ref.startswith(ZOO_PREFIX):
         try:
             from huggingface_hub import try_to_load_from_cache
 

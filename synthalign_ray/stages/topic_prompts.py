@@ -2,7 +2,7 @@
 
 The paper has GPT-4 write prompts over 10 topics (art, school, transport, weather, daily activities,
 ...). `synthalign prompts --config topics.yaml --output prompts.jsonl` does that with any chat model
-(`engines/chat.py`: vLLM, or an OpenAI-compatible endpoint such as GPT-4 itself) and writes a prompt
+(`stages/chat.py`: vLLM, or an OpenAI-compatible endpoint such as GPT-4 itself) and writes a prompt
 file the image stages read (`prompts.path`), so it can be reviewed and edited before GPUs are spent on
 images. Beside it, `<output>.report.json` counts what was asked, kept and removed, and why.
 
@@ -35,8 +35,8 @@ from pydantic import Field, field_validator, model_validator
 
 from synthalign_ray import store
 from synthalign_ray.config import ResourcesConfig
-from synthalign_ray.engines.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
-from synthalign_ray.base import STATUS_OK, StrictModel
+from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
+from synthalign_ray.base import STATUS_OK, StrictModel, model_source
 from synthalign_ray.stages.instructions import template_fields
 from synthalign_ray.stages.prompts import prompt_seed
 
@@ -270,10 +270,7 @@ def write_topic_prompts(cfg: TopicPromptsConfig, output: str) -> dict[str, Any]:
 
     check_chat_environment({"model": cfg.model})
     if cfg.model.backend == "vllm":
-        from synthalign_ray import zoo
-
-        if cfg.model.model.startswith(zoo.ZOO_PREFIX):
-            zoo.resolve(cfg.model.model)  # build once on the driver, before the engines race to
+        model_source(cfg.model.model)  # a zoo model is built once on the driver, before the engines race to
     init_ray(cfg.resources, [cfg.model])
 
     def request(row: dict[str, Any]) -> ChatRequest:

@@ -237,7 +237,7 @@ def train_worker(job: dict[str, Any]) -> None:
     from transformers import AutoProcessor, TrainerState, set_seed
     from trl import DPOTrainer
 
-    from synthalign_ray import zoo
+    from synthalign_ray.base import model_source
     from synthalign_ray.train import data
     from synthalign_ray.train.log import step_records
 
@@ -245,7 +245,7 @@ def train_worker(job: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(job["config"])
     rank = ray.train.get_context().get_world_rank()
     # Resolved on the worker's node: a hub id downloads into that node's HF cache, a zoo model is built there.
-    model_path = zoo.resolve(cfg.model)
+    model_path = model_source(cfg.model)
     processor = AutoProcessor.from_pretrained(model_path)
     dataset = data.load_pairs(job["files"], job["image_column"])
     if job["skip_rows"]:

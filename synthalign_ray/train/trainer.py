@@ -25,7 +25,8 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from synthalign_ray import store, zoo
+from synthalign_ray import store
+from synthalign_ray.base import model_source
 from synthalign_ray.errors import UserError
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
@@ -95,7 +96,7 @@ def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
     Only the processor and config files are read here: the driver never downloads the weights."""
     from transformers import AutoProcessor
 
-    model_path = zoo.resolve(cfg.model)
+    model_path = model_source(cfg.model)
     processor = AutoProcessor.from_pretrained(model_path)
     report = train_data.check_pairs(
         data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long, cfg.prompt_format

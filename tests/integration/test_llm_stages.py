@@ -63,7 +63,7 @@ def test_endpoint_failures_fail_their_rows_and_the_run_goes_on(ray_local):
     """A dead endpoint: every request fails after its retries, each row records the error, nothing raises."""
     import ray
 
-    from synthalign_ray.engines.chat import ChatModelConfig, ChatRequest, add_chat_stage, user_message
+    from synthalign_ray.stages.chat import ChatModelConfig, ChatRequest, add_chat_stage, user_message
     from synthalign_ray.stages.instructions import INSTRUCTION_FIELDS
     from synthalign_ray.stages.prompts import prompts_table
 

@@ -113,7 +113,7 @@ def test_chat_llm_generates_with_vllm(local_ray):
     import ray
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from synthalign_ray.engines.chat import ChatModelConfig, ChatRequest, add_chat_stage, user_message
+    from synthalign_ray.stages.chat import ChatModelConfig, ChatRequest, add_chat_stage, user_message
     from synthalign_ray.stages.prompts import prompts_table
 
     model_dir = str(zoo.build("chat-llm"))

@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from synthalign_ray import selection, store, zoo
-from synthalign_ray.engines.chat import ChatModelConfig, ChatRequest, openai_messages, sampling_seed, user_message
+from synthalign_ray.stages.chat import ChatModelConfig, ChatRequest, openai_messages, sampling_seed, user_message
 from synthalign_ray.engines.vllm_engine import chat_prompt_token_ids
 from synthalign_ray.stages.instructions import InstructionsConfig, clean_instruction
 from synthalign_ray.stages.judge import JudgeConfig, numbered_answers, parse_judge_scores

@@ -5,7 +5,7 @@ each turn a row into one chat request and the reply into a few columns. `add_cha
 a Ray Dataset with either backend, chosen per stage in the config (`ChatModelConfig.backend`):
 
 - `vllm`: Ray's `ray.data.llm` processor (`vllm_engine.build_engine_processor`), whole rows carried
-  through it with their types (`carry.py`). Text-only models and VLMs alike: a request with an image
+  through it with their types (`engines/carry.py`). Text-only models and VLMs alike: a request with an image
   sends it as `multimodal_data`.
 - `openai`: any OpenAI-compatible chat endpoint (OpenAI, a `vllm serve` of your own, a gateway), through
   the `openai` client in an autoscaling pool of light actors; each actor sends its batch's requests
@@ -40,10 +40,9 @@ from synthalign_ray.engines.vllm_engine import (
     build_engine_processor,
     finish_reason,
 )
+from synthalign_ray.base import SEED_MODULUS, STATUS_FAILED, STATUS_OK, StrictModel, check_model_ref, injected_faults
+from synthalign_ray.hf_image import decode_image
 from synthalign_ray.stages.common import RowStage
-from synthalign_ray.base import STATUS_FAILED, STATUS_OK, StrictModel, check_model_ref, injected_faults
-from synthalign_ray.base import SEED_MODULUS
-from synthalign_ray.store import decode_image
 
 FINISH_ERROR = "error"
 
