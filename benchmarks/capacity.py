@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import REPO, run_driver, wave_process_peak_mib  # noqa: E402 (benchmarks/pipeline.py: the driver subprocess)
 
 from synthalign_ray.config import load_config  # noqa: E402
-from synthalign_ray.plan import load_profile, replicas_for_split, split_bound, split_gpus, stage_rates  # noqa: E402
-from synthalign_ray.simulate import SIMULATION_DIR, SIMULATION_FILE  # noqa: E402
+from synthalign_ray.capacity.plan import load_profile, replicas_for_split, split_bound, split_gpus, stage_rates  # noqa: E402
+from synthalign_ray.capacity.simulate import SIMULATION_DIR, SIMULATION_FILE  # noqa: E402
 
 PAIRS_PER_TABLE = 10_000
 

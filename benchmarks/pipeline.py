@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 
 from synthalign_ray import store
 from synthalign_ray.config import load_config
-from synthalign_ray.calibrate import stages_alone
+from synthalign_ray.capacity.calibrate import stages_alone
 from synthalign_ray.progress import StageStats
-from synthalign_ray.simulate import write_prompts
+from synthalign_ray.capacity.simulate import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 # Every prompt gets its instruction from the template: the tiny instruction file covers only its 6 ids.

@@ -156,7 +156,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="only llava: the LLaVA / PDS-DPO JSON")] = "llava",
 ):
     """Write the pairs of a run as LLaVA / PDS-DPO JSON (conversations, rejected_conversations) + images."""
-    from synthalign_ray.llava_format import export_llava
+    from synthalign_ray.formats.llava_json import export_llava
 
     if format != "llava":
         _fail(f"--format {format!r}: only 'llava' is supported")
@@ -172,7 +172,7 @@ def import_(
 ):
     """Turn a LLaVA / PDS-DPO JSON into our Parquet pairs, so it can be trained on."""
     from synthalign_ray import store
-    from synthalign_ray.llava_format import import_llava
+    from synthalign_ray.formats.llava_json import import_llava
 
     table = import_llava(json_file, images)
     store.write_table(store.join(output, store.FOLDERS["ok"], "imported.parquet"), store.with_hf_features(table))
@@ -363,7 +363,7 @@ def plan(
     overrides: SetOption = None,
 ):
     """Split N GPUs across the config's GPU stages so the slowest stage is as fast as it can be."""
-    from synthalign_ray.plan import load_profile, make_plan, unused_profile_stages, write_planned_config
+    from synthalign_ray.capacity.plan import load_profile, make_plan, unused_profile_stages, write_planned_config
 
     cfg = _load(config, overrides)
     prof = load_profile(profile)
@@ -392,8 +392,8 @@ def simulate(
 ):
     """Capacity questions only: run generate's driver on ROWS made-up prompts with every model stage a
     sleep of the profile's seconds per batch, on N fake GPUs of a local Ray (no GPU, no model)."""
-    from synthalign_ray.plan import load_profile
-    from synthalign_ray.simulate import simulate as run
+    from synthalign_ray.capacity.plan import load_profile
+    from synthalign_ray.capacity.simulate import simulate as run
 
     cfg = _load(config, overrides)
     result = run(cfg, load_profile(profile), gpus=gpus, rows=rows, output=output, split=split,
@@ -414,8 +414,8 @@ def calibrate(
     overrides: SetOption = None,
 ):
     """Measure each stage alone (one replica per pool) on generated prompts; write a profile for `plan`."""
-    from synthalign_ray.calibrate import calibrate as run
-    from synthalign_ray.plan import GpuPrice
+    from synthalign_ray.capacity.calibrate import calibrate as run
+    from synthalign_ray.capacity.plan import GpuPrice
 
     cfg = _load(config, overrides)
     profile = run(cfg, prompts, output, gpu=gpu_name, price=GpuPrice(on_demand=on_demand, spot=spot))

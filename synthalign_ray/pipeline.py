@@ -32,8 +32,8 @@ from typing import Any
 from synthalign_ray import progress, store
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
-from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.lease import output_lease
+from synthalign_ray.store.ids import IdSet, digests
+from synthalign_ray.store.lease import output_lease
 from synthalign_ray.runtime import (
     check_chat_environment,
     check_output_reachable,
@@ -205,7 +205,7 @@ def generate(
 ) -> RunResult:
     """Run the pipeline of `cfg` into `output` (a folder or URI), resuming what is there; write the manifest.
 
-    The run holds the output's lease (lease.py) from before its first write to its end."""
+    The run holds the output's lease (store/lease.py) from before its first write to its end."""
     started = time.time()
     check_chat_environment(cfg.chat_models())
     cfg.resources.check_secret_environment()

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from synthalign_ray import store
 from synthalign_ray.errors import UserError
-from synthalign_ray.lease import output_lease
+from synthalign_ray.store.lease import output_lease
 from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
 # Which copy of an id is kept: the one that got furthest.

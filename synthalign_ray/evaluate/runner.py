@@ -39,7 +39,7 @@ from synthalign_ray.evaluate.chair import ChairConfig
 from synthalign_ray.evaluate.common import answer_prompts
 from synthalign_ray.evaluate.mmhal import MmhalConfig
 from synthalign_ray.evaluate.pope import PopeConfig
-from synthalign_ray.llava_conversation import llava_v1_chat_template
+from synthalign_ray.formats.llava_conversation import llava_v1_chat_template
 from synthalign_ray.base import StrictModel, check_model_ref
 
 BENCHMARKS = ("pope", "chair", "mmhal", "amber")

@@ -27,7 +27,7 @@ from pyarrow import fs as pafs
 
 from synthalign_ray import store
 from synthalign_ray.errors import UserError
-from synthalign_ray.llava_conversation import llava_v1_pair
+from synthalign_ray.formats.llava_conversation import llava_v1_pair
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 IMAGE_COLUMNS = ("images", "image")  # TRL takes a list of images or a single image

@@ -14,7 +14,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from synthalign_ray.lease import LEASE_FILE
+from synthalign_ray.store.lease import LEASE_FILE
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

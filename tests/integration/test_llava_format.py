@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from synthalign_ray import store
-from synthalign_ray.llava_format import (
+from synthalign_ray.formats.llava_json import (
     IMPORT_SCHEMA,
     LlavaFormatError,
     export_llava,

@@ -14,7 +14,7 @@ from synthalign_ray import zoo
 from synthalign_ray.engines.vllm_engine import image_chat_request
 from synthalign_ray.evaluate.runner import GenerationConfig
 from synthalign_ray.hf_image import encode_image
-from synthalign_ray.llava_conversation import VICUNA_V1_SYSTEM
+from synthalign_ray.formats.llava_conversation import VICUNA_V1_SYSTEM
 from synthalign_ray.stages.pairs import trl_columns
 from synthalign_ray.train.data import render_kwargs, render_pair
 from tests.conftest import REPO

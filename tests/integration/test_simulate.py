@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from synthalign_ray.config import load_config
-from synthalign_ray.plan import best_split, load_profile, stage_rates
+from synthalign_ray.capacity.plan import best_split, load_profile, stage_rates
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

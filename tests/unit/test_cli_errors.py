@@ -63,10 +63,10 @@ def test_bad_files_are_one_error_line_with_exit_2(tmp_path):
 def test_every_cli_error_class_is_a_user_error():
     from synthalign_ray.config import ConfigError
     from synthalign_ray.evaluate.common import BenchmarkFileError
-    from synthalign_ray.lease import OutputLeasedError
-    from synthalign_ray.llava_format import LlavaFormatError
+    from synthalign_ray.store.lease import OutputLeasedError
+    from synthalign_ray.formats.llava_json import LlavaFormatError
     from synthalign_ray.lockfile import LockError
-    from synthalign_ray.plan import PlanError
+    from synthalign_ray.capacity.plan import PlanError
     from synthalign_ray.report.build import ReportError
     from synthalign_ray.stages.prompts import InputFileError
     from synthalign_ray.train.data import DataError

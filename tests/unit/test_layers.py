@@ -17,20 +17,20 @@ LAYERS = [
     # 0, the shared base: row status, strict configs, model references, Ray's private API, formats of one
     # value (an HF image, a LLaVA conversation), ids, progress, pure selection; the zoo and the model code
     # behind the references.
-    {"base", "errors", "ray_private", "hf_image", "ids", "progress", "selection", "llava_conversation", "lockfile",
-     "_torchvision_compat", "zoo", "models"},
+    {"base", "errors", "ray_private", "hf_image", "store.ids", "progress", "selection", "formats.llava_conversation",
+     "lockfile", "_torchvision_compat", "zoo", "models"},
     # 1, data: the run folder's shards and manifest, its lease, and repairing it.
-    {"store", "lease", "repair"},
+    {"store", "repair"},
     # 2, engines: vLLM behind Ray Data.
     {"engines"},
     # 3, stages, and the run config made of their configs.
     {"stages", "config"},
     # 4, what runs beside a generation: Ray start-up and waves, training, evaluation, reports, formats.
-    {"runtime", "train", "evaluate", "report", "llava_format"},
+    {"runtime", "train", "evaluate", "report", "formats"},
     # 5, the generation pipeline.
     {"pipeline"},
     # 6, capacity: plan, simulate, calibrate.
-    {"plan", "simulate", "calibrate"},
+    {"capacity"},
     # 7, the face.
     {"cli", "__main__"},
 ]
@@ -43,7 +43,7 @@ KNOWN_BREACHES = {
     # The `prompts` command's driver (check, start Ray, run, write the file) sits in its stage module.
     ("stages.topic_prompts", "runtime"),
     # simulate writes made-up prompts from the zoo's word list.
-    ("simulate", "zoo"),
+    ("capacity.simulate", "zoo"),
     # The ImageReward loader builds its BERT vocab with the zoo's WordPiece helper, and the zoo builds
     # its ImageReward twin with the loader's modules: one cycle.
     ("models.image_reward", "zoo"),

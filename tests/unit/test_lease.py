@@ -10,7 +10,7 @@ import time
 import pytest
 
 from synthalign_ray import store
-from synthalign_ray.lease import LEASE_FILE, OutputLeasedError, lease_uri, output_lease, read_holder
+from synthalign_ray.store.lease import LEASE_FILE, OutputLeasedError, lease_uri, output_lease, read_holder
 
 FAST = {"stale_seconds": 60, "settle_seconds": 0.05}
 
@@ -105,7 +105,7 @@ def test_sigterm_lets_the_lease_go(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", (
             "import sys, time\n"
-            "from synthalign_ray.lease import output_lease\n"
+            "from synthalign_ray.store.lease import output_lease\n"
             f"with output_lease({output!r}, stale_seconds=60, settle_seconds=0.05):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(60)\n"

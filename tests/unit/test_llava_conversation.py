@@ -1,6 +1,6 @@
 """LLaVA-1.5's vicuna_v1 conversation, pinned as exact strings."""
 
-from synthalign_ray.llava_conversation import VICUNA_V1_SYSTEM, llava_v1_pair, llava_v1_prompt
+from synthalign_ray.formats.llava_conversation import VICUNA_V1_SYSTEM, llava_v1_pair, llava_v1_prompt
 from synthalign_ray.stages.pairs import trl_columns
 
 SYSTEM = (

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from synthalign_ray.config import load_config
-from synthalign_ray.plan import (
+from synthalign_ray.capacity.plan import (
     PlanError,
     StageRate,
     best_split,
@@ -210,9 +210,9 @@ def test_config_split_over_budget(tmp_path):
 
 
 def test_measured_profile_from_stage_rates():
-    from synthalign_ray.calibrate import StageRate as Measured
-    from synthalign_ray.calibrate import profile_from_rates, profile_name, single_replica
-    from synthalign_ray.plan import GpuPrice
+    from synthalign_ray.capacity.calibrate import StageRate as Measured
+    from synthalign_ray.capacity.calibrate import profile_from_rates, profile_name, single_replica
+    from synthalign_ray.capacity.plan import GpuPrice
 
     cfg = single_replica(load_config(TINY, ["images.pool.max_actors=3"]))
     assert all(ref.pool.min_actors == ref.pool.max_actors == 1 for ref in gpu_pools(cfg))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from synthalign_ray import store
 from synthalign_ray.config import SynthAlignConfig
-from synthalign_ray.plan import GpuPrice, PlanError, Profile, ProfileSource, StageProfile, gpu_pools, write_profile
+from synthalign_ray.capacity.plan import GpuPrice, PlanError, Profile, ProfileSource, StageProfile, gpu_pools, write_profile
 from synthalign_ray.progress import stage_stats
 
 
@@ -159,7 +159,7 @@ def calibrate(cfg: SynthAlignConfig, prompts: int, output: str, *, gpu: str | No
 
     from synthalign_ray.pipeline import prepare_zoo_models
     from synthalign_ray.runtime import init_ray
-    from synthalign_ray.simulate import simulation_config, write_prompts
+    from synthalign_ray.capacity.simulate import simulation_config, write_prompts
     from synthalign_ray.stages.prompts import prompts_table, read_prompts
 
     work_dir = Path(work or tempfile.mkdtemp(prefix="calibrate-"))

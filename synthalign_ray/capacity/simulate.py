@@ -52,7 +52,7 @@ import pyarrow as pa
 from synthalign_ray import store
 from synthalign_ray.config import SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
-from synthalign_ray.plan import PlanError, Profile, gpu_pools, replicas_for_split, split_bound, stage_rates
+from synthalign_ray.capacity.plan import PlanError, Profile, gpu_pools, replicas_for_split, split_bound, stage_rates
 from synthalign_ray.zoo import CORPUS
 
 SIMULATION_DIR = "simulation"
