@@ -32,7 +32,7 @@ from typing import Any
 from synthalign_ray import progress, store
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
-from synthalign_ray.store.ids import IdSet, digests
+from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.store.lease import output_lease
 from synthalign_ray.runtime import (
     check_chat_environment,

@@ -32,7 +32,7 @@ from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, 
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.stages.common import RowStage
 from synthalign_ray.base import StrictModel
-from synthalign_ray.store.ids import IdSet, SeenIds, digests
+from synthalign_ray.ids import IdSet, SeenIds, digests
 from synthalign_ray.stages.prompts import CHUNK_ROWS, BadRow, InputFileError, check_input_file, duplicate_rows, file_format, read_records
 
 TEMPLATE_FIELDS = {"t2i_prompt", "category", "id"}

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from synthalign_ray.errors import UserError
-from synthalign_ray.store.ids import IdSet, SeenIds, digests
+from synthalign_ray.ids import IdSet, SeenIds, digests
 from synthalign_ray.base import SEED_MODULUS, STATUS_OK, StrictModel
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")

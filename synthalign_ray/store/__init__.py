@@ -31,7 +31,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from synthalign_ray.hf_image import IMAGE_TYPE, decode_image, encode_image  # noqa: F401 (store.* for the readers)
-from synthalign_ray.store.ids import IdCollector, IdSet, contains, digests, locate
+from synthalign_ray.ids import IdCollector, IdSet, contains, digests, locate
 from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 
 FOLDERS = {STATUS_OK: "pairs", STATUS_DROPPED: "dropped", STATUS_FAILED: "failed"}

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from synthalign_ray import store
-from synthalign_ray.store.ids import IdSet, digests
+from synthalign_ray.ids import IdSet, digests
 
 BUCKET = "synthalign-test"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from synthalign_ray import store
 from synthalign_ray.cli import app
-from synthalign_ray.store.ids import IdSet
+from synthalign_ray.ids import IdSet
 from synthalign_ray.pipeline import accounting
 from synthalign_ray.stages.image_scores import ImageSelector
 from synthalign_ray.stages.pairs import PairBuilder, PairsConfig

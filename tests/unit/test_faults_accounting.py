@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from synthalign_ray import store
-from synthalign_ray.store.ids import IdSet, digests
+from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.pipeline import (
     LOST_STAGE,
     AccountingError,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from synthalign_ray.store.ids import IdCollector, IdSet, SeenIds, digests
+from synthalign_ray.ids import IdCollector, IdSet, SeenIds, digests
 
 
 def random_ids(rng, n, pool=50):

@@ -17,7 +17,7 @@ LAYERS = [
     # 0, the shared base: row status, strict configs, model references, Ray's private API, formats of one
     # value (an HF image, a LLaVA conversation), ids, progress, pure selection; the zoo and the model code
     # behind the references.
-    {"base", "errors", "ray_private", "hf_image", "store.ids", "progress", "selection", "formats.llava_conversation",
+    {"base", "errors", "ray_private", "hf_image", "ids", "progress", "selection", "formats.llava_conversation",
      "lockfile", "_torchvision_compat", "zoo", "models"},
     # 1, data: the run folder's shards and manifest, its lease, and repairing it.
     {"store", "repair"},
