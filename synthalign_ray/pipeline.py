@@ -1,4 +1,5 @@
-"""Builds and runs the Ray Data graph of a config: one row per prompt, streamed through actor pools.
+"""Builds and runs the Ray Data graph of a config: one row per prompt, streamed through actor pools, its
+stages those of `stages.graph.build`:
 
     prompts (blocks)-> ImageGenerator (pool) -> ImageScorer (pool) -> ImageSelector (tasks)
                     -> instructions (file/template tasks, or an LLM) -> one vLLM pool per LVLM (ray.data.llm)
@@ -42,16 +43,11 @@ from synthalign_ray.runtime import (
     release_freed_memory,
     run_in_wave_process,
 )
+from synthalign_ray.stages import graph
 from synthalign_ray.stages.common import start_batch_attempts
 from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, model_source
-from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
-from synthalign_ray.stages.images import ImageGenerator
-from synthalign_ray.stages.instructions import add_instructions, missing_instructions
-from synthalign_ray.stages.judge import add_judge_scores
-from synthalign_ray.stages.pairs import PairBuilder
+from synthalign_ray.stages.instructions import missing_instructions
 from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck, check_prompts, prompt_rows, valid_ids, with_status_columns
-from synthalign_ray.stages.response_scores import ResponseScorer
-from synthalign_ray.stages.responses import add_responses
 
 log = logging.getLogger(__name__)
 
@@ -129,31 +125,12 @@ def prompt_blocks(prompts: store.BlockFileDatasource):
 
 
 def build_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource):
-    """The pipeline over (a wave of) the run's prompts file (`prompt_blocks`)."""
-
-    def pure(stage):
-        # Model-free stages run as Ray tasks on whole blocks (batch_size=None): a batch size would make
-        # Ray Data bundle blocks up to it first, holding rows back from the output instead of streaming.
-        # A fraction of a CPU each: with Ray Data's default of one, these tasks (and the shard writes)
-        # were starved by the CPUs the actor pools hold; on the tiny config every shard was committed in
-        # the last seconds of the run, so a late kill lost nearly all of its work.
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
-
-    ds = prompt_blocks(prompts).map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs())
-    ds = ds.map_batches(
-        ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()
-    )
-    ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
-    ds = add_instructions(ds, cfg.instructions, run_seed=cfg.seed)
-    ds = add_responses(ds, cfg.responses, run_seed=cfg.seed)
-    ds = ds.map_batches(
-        ResponseScorer,
-        fn_constructor_kwargs={"cfg": cfg.response_scores},
-        **cfg.response_scores.pool.map_batches_kwargs(),
-    )
-    if cfg.judge is not None:
-        ds = add_judge_scores(ds, cfg.judge, run_seed=cfg.seed)
-    return ds.map_batches(**pure(PairBuilder(cfg.pairs)))
+    """The method over (a wave of) the run's prompts file (`prompt_blocks`): its stages (`stages.graph`),
+    applied in turn."""
+    ds = prompt_blocks(prompts)
+    for stage in graph.build(cfg):
+        ds = stage.apply(ds)
+    return ds
 
 
 def config_fingerprint(cfg: SynthAlignConfig) -> str:

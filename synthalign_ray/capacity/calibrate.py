@@ -38,77 +38,34 @@ class StageRate:
     model_rows_per_s: float = 0.0
 
 
-def profile_name(stage: str) -> str | None:
-    """The profile's name of a stage of `stages_alone` (None: a model-free stage, never planned)."""
-    if stage.startswith("responses[") and stage.endswith("]"):
-        return stage[len("responses[") : -1]
-    return {"images": "images", "image_scores": "image_scores", "response_scores": "response_scores", "judge": "judge",
-            "selection + instructions": "instructions"}.get(stage)
-
-
 def stages_alone(cfg: SynthAlignConfig, prompts, sink_output: str) -> list[StageRate]:
-    """Each stage of `pipeline.build_dataset`, in its order, alone on the rows the pipeline gives it.
+    """Each stage of the pipeline (`stages.graph.build`), in its order, alone on the rows the stage before
+    it gave.
 
     `prompts` is the pipeline's input table (`stages.prompts.prompts_table`); the last stage (pairs)
-    writes to `sink_output` through the real datasink. Mirrors build_dataset stage for stage
-    (benchmarks/pipeline.py checks that the outcome is the pipeline's). Each stage's input is the
-    previous stage's materialized output, fed in the same blocks and re-read through `from_arrow_refs`
-    so that its stats hold its own operators only. Each LVLM of `responses` is its own stage."""
+    writes to `sink_output` through the real datasink (benchmarks/pipeline.py checks that the outcome is
+    the pipeline's). Each stage's input is the previous stage's materialized output, fed in the same
+    blocks and re-read through `from_arrow_refs` so that its stats hold its own operators only."""
     import ray
 
-    from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
-    from synthalign_ray.stages.images import ImageGenerator
-    from synthalign_ray.stages.instructions import add_instructions
-    from synthalign_ray.stages.pairs import PairBuilder
-    from synthalign_ray.stages.response_scores import ResponseScorer
-    from synthalign_ray.stages.responses import add_responses
-
-    def pure(stage):
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None)
+    from synthalign_ray.stages import graph
 
     step = cfg.resources.rows_per_block
     blocks = [ray.put(prompts.slice(start, step)) for start in range(0, prompts.num_rows, step)]
     rates: list[StageRate] = []
-
-    def alone(name, apply, blocks, sink=None):
-        dataset = apply(ray.data.from_arrow_refs(blocks))
-        if sink is None:
-            dataset = dataset.materialize()
+    stages = graph.build(cfg)
+    for stage in stages:
+        dataset = stage.apply(ray.data.from_arrow_refs(blocks))
+        if stage is stages[-1]:
+            dataset.write_datasink(store.StatusSplitDatasink(sink_output))
         else:
-            dataset.write_datasink(sink)
+            dataset = dataset.materialize()
+            blocks = dataset.to_arrow_refs()
         operators = [s for s in stage_stats(dataset.get_stats_summary()) if s.rows_in is not None]  # not the source
         last = operators[-1]
         model = max(operators, key=lambda s: s.busy_s)
-        rates.append(StageRate(name, last.rows_out, last.stage, last.rows_per_s, model.stage, model.rows_per_s))
-        print(f"  alone: {name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
-        return None if sink is not None else dataset.to_arrow_refs()
-
-    images = alone("images", lambda ds: ds.map_batches(ImageGenerator, fn_constructor_kwargs={"cfg": cfg.images}, **cfg.images.pool.map_batches_kwargs()), blocks)
-    scored = alone(
-        "image_scores",
-        lambda ds: ds.map_batches(ImageScorer, fn_constructor_kwargs={"cfg": cfg.image_scores}, **cfg.image_scores.pool.map_batches_kwargs()),
-        images,
-    )
-    instructed = alone(
-        "selection + instructions",
-        lambda ds: add_instructions(ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by]))), cfg.instructions, run_seed=cfg.seed),
-        scored,
-    )
-    for model in cfg.responses.models:
-        one_model = cfg.responses.model_copy(update={"models": [model]})
-        alone(f"responses[{model.name}]", lambda ds: add_responses(ds, one_model, run_seed=cfg.seed), instructed)
-    answered = alone("responses (all LVLMs)", lambda ds: add_responses(ds, cfg.responses, run_seed=cfg.seed), instructed)
-    rates.pop()  # not a stage of its own: its LVLM pools are, each measured alone above
-    scored_answers = alone(
-        "response_scores",
-        lambda ds: ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg.response_scores}, **cfg.response_scores.pool.map_batches_kwargs()),
-        answered,
-    )
-    if cfg.judge is not None:
-        from synthalign_ray.stages.judge import add_judge_scores
-
-        scored_answers = alone("judge", lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed), scored_answers)
-    alone("pairs + write", lambda ds: ds.map_batches(**pure(PairBuilder(cfg.pairs))), scored_answers, sink=store.StatusSplitDatasink(sink_output))
+        rates.append(StageRate(stage.name, last.rows_out, last.stage, last.rows_per_s, model.stage, model.rows_per_s))
+        print(f"  alone: {stage.name}: {last.rows_per_s:.3f} rows/s ({last.stage})", flush=True)
     return rates
 
 
@@ -125,7 +82,10 @@ def single_replica(cfg: SynthAlignConfig) -> SynthAlignConfig:
 
 def profile_from_rates(cfg: SynthAlignConfig, rates: list[StageRate], *, gpu: str, price: GpuPrice, on_gpu: bool, prompts: int) -> Profile:
     """A measured profile: one entry per GPU stage of `cfg` (one replica each), from its rate alone."""
-    by_name = {profile_name(r.stage): r for r in rates if profile_name(r.stage) is not None}
+    from synthalign_ray.stages import graph
+
+    profile_names = {stage.name: stage.profile_name for stage in graph.build(cfg)}
+    by_name = {profile_names[r.stage]: r for r in rates if profile_names.get(r.stage) is not None}
     stages = []
     for ref in gpu_pools(cfg):
         rate = by_name[ref.name]

@@ -229,14 +229,9 @@ def gpu_pools(cfg) -> list[PoolRef]:
     judge / LLM instruction writer when served by vLLM (an OpenAI-compatible endpoint needs no GPU of
     ours). A pool's num_gpus in the config does not decide it (the tiny configs run them on CPU): the
     profile says how many GPUs a replica takes."""
-    pools = [PoolRef("images", "images", cfg.images.pool), PoolRef("image_scores", "image_scores", cfg.image_scores.pool)]
-    if cfg.instructions.source == "llm" and cfg.instructions.llm.backend == "vllm":
-        pools.append(PoolRef("instructions", "instructions.llm", cfg.instructions.llm.pool))
-    pools += [PoolRef(m.name, f"responses.models.{i}", m.pool) for i, m in enumerate(cfg.responses.models)]
-    pools.append(PoolRef("response_scores", "response_scores", cfg.response_scores.pool))
-    if cfg.judge is not None and cfg.judge.model.backend == "vllm":
-        pools.append(PoolRef("judge", "judge.model", cfg.judge.model.pool))
-    return pools
+    from synthalign_ray.stages import graph
+
+    return [PoolRef(stage.profile_name, stage.pool_path, stage.pool) for stage in graph.build(cfg) if stage.profile_name]
 
 
 def stage_rates(cfg, profile: Profile) -> list[StageRate]:

@@ -51,7 +51,6 @@ import pyarrow as pa
 
 from synthalign_ray import store
 from synthalign_ray.config import SynthAlignConfig
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
 from synthalign_ray.capacity.plan import PlanError, Profile, gpu_pools, replicas_for_split, split_bound, stage_rates
 from synthalign_ray.zoo import CORPUS
 
@@ -225,14 +224,12 @@ def simulated_pools(cfg: SynthAlignConfig, profile: Profile, replicas: dict[str,
 
 
 def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
-    """`pipeline.build_dataset`'s graph with every model stage a simulated pool (same order, same
-    model-free stages, same blocks)."""
+    """`pipeline.build_dataset`'s graph with every GPU stage a simulated pool (same stages in the same
+    order, the model-free ones real, same blocks)."""
     from ray.data import ActorPoolStrategy
 
     from synthalign_ray.pipeline import prompt_blocks
-    from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageSelector
-    from synthalign_ray.stages.instructions import add_instructions
-    from synthalign_ray.stages.pairs import PairBuilder
+    from synthalign_ray.stages import graph
 
     by_stage = {p.stage: p for p in pools}
 
@@ -254,20 +251,15 @@ def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatas
             zero_copy_batch=True,
         )
 
-    def pure(stage):  # as pipeline.build_dataset runs its model-free stages
-        return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
-
-    ds = simulated(simulated(prompt_blocks(prompts), "images"), "image_scores")
-    ds = ds.map_batches(**pure(ImageSelector(SCORE_COLUMNS[cfg.image_scores.select_by])))
-    ds = simulated(ds, "instructions") if "instructions" in by_stage else add_instructions(ds, cfg.instructions, run_seed=cfg.seed)
-    for model in cfg.responses.models:
-        ds = simulated(ds, model.name)
-    ds = simulated(ds, "response_scores")
-    if cfg.judge is not None:
-        if "judge" not in by_stage:
-            raise PlanError("simulate: a judge on an OpenAI-compatible endpoint is not simulated; use a vLLM judge or none")
-        ds = simulated(ds, "judge")
-    return ds.map_batches(**pure(PairBuilder(cfg.pairs)))
+    ds = prompt_blocks(prompts)
+    for stage in graph.build(cfg):
+        if stage.profile_name is not None:
+            ds = simulated(ds, stage.profile_name)
+        elif stage.kind == "task" or stage.name == "instructions":  # an endpoint writing instructions runs for real
+            ds = stage.apply(ds)
+        else:
+            raise PlanError(f"simulate: a {stage.name} on an OpenAI-compatible endpoint is not simulated; use a vLLM one or none")
+    return ds
 
 
 def simulation_config(cfg: SynthAlignConfig, prompts_path: str) -> SynthAlignConfig:

@@ -40,6 +40,8 @@ from synthalign_ray.base import ZOO_PREFIX, ModelRef, StrictModel, local_model_f
 
 log = logging.getLogger(__name__)
 
+# The columns the stage adds: a score per answer, the objectives behind it where the model gives them, the model.
+RESPONSE_SCORE_COLUMNS = ("response_scores", "response_objectives", "reward_model")
 # The paper's five criteria (ArmoRM's HelpSteer objectives), recorded beside the overall score.
 DEFAULT_OBJECTIVES = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 # A short objective name prefers this source among the model's objectives ("helpfulness" is both
@@ -321,9 +323,9 @@ class ResponseScorer(RowStage):
                 self.objective_index = resolve_objectives(cfg.objectives, names)
         objective_type = pa.struct([pa.field(o, pa.float32()) for o in cfg.objectives])
         self.output_fields = [
-            pa.field("response_scores", pa.list_(pa.float32())),
-            pa.field("response_objectives", pa.list_(objective_type)),
-            pa.field("reward_model", pa.string()),
+            pa.field(RESPONSE_SCORE_COLUMNS[0], pa.list_(pa.float32())),
+            pa.field(RESPONSE_SCORE_COLUMNS[1], pa.list_(objective_type)),
+            pa.field(RESPONSE_SCORE_COLUMNS[2], pa.string()),
         ]
 
     # -- text -> ids

@@ -149,10 +149,18 @@ def sampling_params(model: ResponseModelConfig, row_seed: int | None, run_seed: 
 
 def add_responses(ds, cfg: ResponsesConfig, *, run_seed: int):
     """`ds` with a `responses` column: every model's answers to each ok row, in `cfg.models` order."""
-    ds = carry.record_input_schema(ds, [RESPONSES_FIELD])
-    for model in cfg.models:
-        ds = _answer_with(ds, model, continue_on_error=cfg.continue_on_error, run_seed=run_seed)
-    return carry.restore_input_types(ds, [RESPONSES_FIELD], defaults={"responses": []})
+    for index in range(len(cfg.models)):
+        ds = add_model_responses(ds, cfg, index, run_seed=run_seed)
+    return ds
+
+
+def add_model_responses(ds, cfg: ResponsesConfig, index: int, *, run_seed: int):
+    """`ds` with the answers of `cfg.models[index]` appended to each ok row's `responses`: the first model
+    adds the column ([] where a row is not ok), each later one appends to what the rows carry."""
+    new_fields = [RESPONSES_FIELD] if index == 0 else []  # later models get `responses` as an input column
+    ds = carry.record_input_schema(ds, new_fields)
+    ds = _answer_with(ds, cfg.models[index], continue_on_error=cfg.continue_on_error, run_seed=run_seed)
+    return carry.restore_input_types(ds, new_fields, defaults={"responses": []})
 
 
 def _answer_with(ds, model: ResponseModelConfig, *, continue_on_error: bool, run_seed: int):

@@ -132,6 +132,22 @@ def test_pairs_follow_the_reward_and_feed_trl_as_is(run_dir):
         assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
 
 
+def test_every_shard_holds_exactly_the_columns_the_stages_declare(run_dir):
+    """The data contract: the prompt's columns, then what each stage of `stages.graph` declares it writes,
+    in stage order (the answerers share `responses`), and nothing else."""
+    import pyarrow.parquet as pq
+
+    from synthalign_ray.config import load_config
+    from synthalign_ray.stages import graph
+    from synthalign_ray.stages.prompts import INPUT_SCHEMA
+
+    declared = list(INPUT_SCHEMA.names)
+    for stage in graph.build(load_config(REPO / "configs" / "tiny.yaml")):
+        declared += [column for column in stage.writes if column not in declared]
+    shards = [*(run_dir / "pairs").glob("*.parquet"), *(run_dir / "dropped").glob("*.parquet"), *(run_dir / "failed").glob("*.parquet")]
+    assert shards and all(pq.read_schema(shard).names == declared for shard in shards)
+
+
 def test_manifest_accounts_for_every_input_row(run_dir):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     counts = manifest["counts"]

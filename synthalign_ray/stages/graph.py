@@ -1,0 +1,115 @@
+"""The method's stages, in order: the one list every runner derives from.
+
+    images -> image_scores -> select_image -> instructions -> responses[<model>] ... -> response_scores
+           -> [judge] -> pairs
+
+`pipeline.build_dataset` applies them in turn, `capacity.simulate` stands a sleeping pool in for each
+model stage, `capacity.calibrate` runs each alone on the rows the one before it gave, and `capacity.plan`
+sizes the GPU pools they name. Each stage declares what it reads and writes: the data contract, column by
+column (DESIGN.md), which the tiny run checks against what appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
+from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
+from synthalign_ray.stages.images import ImageGenerator
+from synthalign_ray.stages.instructions import INSTRUCTION_FIELDS, add_instructions
+from synthalign_ray.stages.judge import JUDGE_FIELDS, add_judge_scores
+from synthalign_ray.stages.pairs import PAIR_FIELDS, PairBuilder
+from synthalign_ray.stages.response_scores import RESPONSE_SCORE_COLUMNS, ResponseScorer
+from synthalign_ray.stages.responses import RESPONSES_FIELD, add_model_responses
+
+# How a stage runs: an autoscaling pool of model actors (torch), a ray.data.llm vLLM processor, a chat
+# stage (vLLM or an OpenAI-compatible endpoint), or model-free Ray tasks on whole blocks.
+Kind = Literal["actor_pool", "vllm", "chat", "task"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the method's word; `responses[<model name>]` per answerer
+    kind: Kind
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    apply: Callable[[Any], Any]  # Ray Dataset -> Ray Dataset
+    pool_path: str | None = None  # dotted config path of its GPU stage (the pool is at PATH.pool), else None
+    pool: Any = None  # that pool's config
+    profile_name: str | None = None  # its name in a capacity profile, for a GPU stage
+
+
+def task(stage) -> dict[str, Any]:
+    """`map_batches` arguments of a model-free stage: Ray tasks on whole blocks (batch_size=None; a batch
+    size would make Ray Data bundle blocks first, holding rows back instead of streaming), a fraction of a
+    CPU each so that the CPUs the actor pools hold cannot starve them (and the shard writes behind them)."""
+    return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+
+
+def _actor_pool(cls, cfg) -> Callable[[Any], Any]:
+    return lambda ds: ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg}, **cfg.pool.map_batches_kwargs())
+
+
+def build(cfg) -> list[Stage]:
+    """The stages of a `SynthAlignConfig`, in pipeline order."""
+    images = Stage(
+        "images", "actor_pool", ("id", "t2i_prompt", "seed"), tuple(f.name for f in ImageGenerator.output_fields),
+        _actor_pool(ImageGenerator, cfg.images), "images", cfg.images.pool, "images",
+    )
+    score_columns = tuple(cfg.image_scores.score_columns())
+    image_scores = Stage(
+        "image_scores", "actor_pool", ("t2i_prompt", "candidate_images"), score_columns,
+        _actor_pool(ImageScorer, cfg.image_scores), "image_scores", cfg.image_scores.pool, "image_scores",
+    )
+    select_by = SCORE_COLUMNS[cfg.image_scores.select_by]
+    select_image = Stage(
+        "select_image", "task", ("candidate_images", select_by), tuple(f.name for f in ImageSelector.output_fields),
+        lambda ds: ds.map_batches(**task(ImageSelector(select_by))),
+    )
+    stages = [images, image_scores, select_image, _instructions(cfg)]
+    for index, model in enumerate(cfg.responses.models):
+        stages.append(
+            Stage(
+                f"responses[{model.name}]", "vllm", ("instruction", "image", "seed"), (RESPONSES_FIELD.name,),
+                lambda ds, index=index: add_model_responses(ds, cfg.responses, index, run_seed=cfg.seed),
+                f"responses.models.{index}", model.pool, model.name,
+            )
+        )
+    stages.append(
+        Stage(
+            "response_scores", "actor_pool", ("instruction", "responses"), RESPONSE_SCORE_COLUMNS,
+            _actor_pool(ResponseScorer, cfg.response_scores), "response_scores", cfg.response_scores.pool, "response_scores",
+        )
+    )
+    if cfg.judge is not None:
+        on_vllm = cfg.judge.model.backend == "vllm"
+        stages.append(
+            Stage(
+                "judge", "chat", ("image", "instruction", "responses", "t2i_prompt", "category"), tuple(f.name for f in JUDGE_FIELDS),
+                lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed),
+                "judge.model" if on_vllm else None, cfg.judge.model.pool if on_vllm else None, "judge" if on_vllm else None,
+            )
+        )
+    ranked_by = {"reward": ("response_scores",), "judge": ("judge_scores",), "mix": ("response_scores", "judge_scores")}
+    stages.append(
+        Stage(
+            "pairs", "task", ("instruction", "image", "responses", *ranked_by[cfg.pairs.rank_by]), tuple(f.name for f in PAIR_FIELDS),
+            lambda ds: ds.map_batches(**task(PairBuilder(cfg.pairs))),
+        )
+    )
+    return stages
+
+
+def _instructions(cfg) -> Stage:
+    instructions = cfg.instructions
+    writes = tuple(f.name for f in INSTRUCTION_FIELDS)
+    apply = lambda ds: add_instructions(ds, instructions, run_seed=cfg.seed)  # noqa: E731
+    if instructions.source != "llm":
+        reads = ("id",) if instructions.source == "file" else ("id", "t2i_prompt", "category")
+        return Stage("instructions", "task", reads, writes, apply)
+    reads = ("id", "t2i_prompt", "category", *(("image",) if instructions.llm_sees_image else ()))
+    if instructions.llm.backend != "vllm":
+        return Stage("instructions", "chat", reads, writes, apply)
+    return Stage("instructions", "chat", reads, writes, apply, "instructions.llm", instructions.llm.pool, "instructions")
