@@ -9,8 +9,8 @@
     Then every stage runs alone on the same rows: the rows it got in the pipeline (the previous stage's
     output, materialized), fed to it in the same blocks, with nothing else running. A stage alone is
     rated by its last operator, i.e. from its first output row to its last (its earlier operators may
-    have waited for an actor to start). Each LVLM of `responses` is its own stage (its own vLLM pool),
-    run alone on the instructions stage's output; all LVLMs together then make the reward model's input.
+    have waited for an actor to start). The stages are `stages.graph.build`'s: each LVLM of `responses` is
+    its own stage (its own vLLM pool), run alone on the answers of the one before it.
     Printed: every stage's rate, the slowest, and pipeline rate / slowest stage rate (target >= 0.8).
 (b) Driver memory. `synthalign generate` in a subprocess on 100 and on 1000 prompts (a lighter config
     through --rss-set; every stage still runs); the subprocess prints its own peak RSS
@@ -157,8 +157,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
 
     alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, store.PROMPTS_FILE))), str(work / "stages-alone"))
     slowest = min(alone, key=lambda s: s.rows_per_s)
-    # "responses (all LVLMs)" repeats the work of the per-LVLM stages: counted once, through them.
-    shared_bound = 1 / sum(1 / s.rows_per_s for s in alone if s.stage != "responses (all LVLMs)")
+    shared_bound = 1 / sum(1 / s.rows_per_s for s in alone)
     same = sorted(ids_written(output)) == sorted(ids_written(str(work / "stages-alone")))
     ray.shutdown()
 

@@ -2,8 +2,8 @@
 
     synthalign calibrate --config configs/paper.yaml --prompts 200 --output configs/profiles/mine.yaml
 
-`stages_alone` runs every stage of `pipeline.build_dataset`, in its order, alone on the rows the stage
-before it produced (benchmarks/pipeline.py uses it too, to compare the pipeline with its slowest stage).
+`stages_alone` runs every stage of the pipeline (`stages.graph.build`), in its order, alone on the rows the
+stage before it produced (benchmarks/pipeline.py uses it too, to compare the pipeline with its slowest stage).
 A stage's rate is its last Ray Data operator's (rows out / first task start to last task end), so model
 loading and engine start-up are not in it. `calibrate` runs them with ONE replica per model pool on K
 generated prompts, and writes each GPU stage's seconds per batch = batch_size / (rows/s of its one

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS, SAMPLES, SAMPLING_PARAMS_LIST
+from synthalign_ray.engines.vllm_engine import SAMPLES, SAMPLING_PARAMS_LIST, block_task
 
 # The marker of a row that is not ok: Ray's stages pass rows with a non-empty `__inference_error__`.
 SKIPPED = "skipped: row status is not ok"
@@ -61,8 +61,7 @@ def record_input_schema(ds, output_fields: Sequence[pa.Field]):
         serialized = batch.schema.serialize().to_pybytes()
         return batch.append_column(SCHEMA_COLUMN, pa.array([serialized] * batch.num_rows, pa.binary()))
 
-    # batch_size=None: whole blocks, no bundling, so rows keep streaming (see pipeline.build_dataset).
-    return ds.map_batches(record, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+    return ds.map_batches(**block_task(record))
 
 
 def clashing_columns(names: Sequence[str], output_fields: Sequence[pa.Field]) -> list[str]:
@@ -83,7 +82,7 @@ def restore_input_types(ds, output_fields: Sequence[pa.Field], defaults: Mapping
     def restore(batch: pa.Table) -> pa.Table:
         return restore_batch(batch, output_fields, defaults or {})
 
-    return ds.map_batches(restore, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+    return ds.map_batches(**block_task(restore))
 
 
 def restore_batch(batch: pa.Table, output_fields: Sequence[pa.Field], defaults: Mapping[str, Any]) -> pa.Table:

@@ -55,6 +55,15 @@ DEFAULT_CPU_KVCACHE_GIB = "1"
 # of one CPU each deadlocks a 2-CPU node: the engine and chat-template actors hold both CPUs for the
 # whole run and the postprocess tasks never start.
 LIGHT_STAGE_CPUS = 0.25
+
+
+def block_task(fn) -> dict[str, Any]:
+    """`map_batches` arguments of a light, model-free step: Ray tasks on whole blocks (batch_size=None; a
+    batch size would make Ray Data bundle blocks first, holding rows back instead of streaming them), of
+    LIGHT_STAGE_CPUS each, so that the CPUs the actor pools hold cannot starve them (nor the shard writes
+    behind them: a late kill would then lose nearly all of a run's work)."""
+    return dict(fn=fn, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+
 # vLLM's own default share of a GPU's memory for one engine.
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
+from synthalign_ray.engines.vllm_engine import block_task
 from synthalign_ray.stages.image_scores import SCORE_COLUMNS, ImageScorer, ImageSelector
 from synthalign_ray.stages.images import ImageGenerator
 from synthalign_ray.stages.instructions import INSTRUCTION_FIELDS, add_instructions
@@ -41,13 +41,6 @@ class Stage:
     profile_name: str | None = None  # its name in a capacity profile, for a GPU stage
 
 
-def task(stage) -> dict[str, Any]:
-    """`map_batches` arguments of a model-free stage: Ray tasks on whole blocks (batch_size=None; a batch
-    size would make Ray Data bundle blocks first, holding rows back instead of streaming), a fraction of a
-    CPU each so that the CPUs the actor pools hold cannot starve them (and the shard writes behind them)."""
-    return dict(fn=stage, batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
-
-
 def _actor_pool(cls, cfg) -> Callable[[Any], Any]:
     return lambda ds: ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg}, **cfg.pool.map_batches_kwargs())
 
@@ -66,7 +59,7 @@ def build(cfg) -> list[Stage]:
     select_by = SCORE_COLUMNS[cfg.image_scores.select_by]
     select_image = Stage(
         "select_image", "task", ("candidate_images", select_by), tuple(f.name for f in ImageSelector.output_fields),
-        lambda ds: ds.map_batches(**task(ImageSelector(select_by))),
+        lambda ds: ds.map_batches(**block_task(ImageSelector(select_by))),
     )
     stages = [images, image_scores, select_image, _instructions(cfg)]
     for index, model in enumerate(cfg.responses.models):
@@ -96,7 +89,7 @@ def build(cfg) -> list[Stage]:
     stages.append(
         Stage(
             "pairs", "task", ("instruction", "image", "responses", *ranked_by[cfg.pairs.rank_by]), tuple(f.name for f in PAIR_FIELDS),
-            lambda ds: ds.map_batches(**task(PairBuilder(cfg.pairs))),
+            lambda ds: ds.map_batches(**block_task(PairBuilder(cfg.pairs))),
         )
     )
     return stages

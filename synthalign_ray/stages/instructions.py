@@ -29,7 +29,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthalign_ray.stages.chat import ChatModelConfig, ChatReply, ChatRequest, add_chat_stage, user_message
-from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
+from synthalign_ray.engines.vllm_engine import block_task
 from synthalign_ray.stages.common import RowStage
 from synthalign_ray.base import StrictModel
 from synthalign_ray.ids import IdSet, SeenIds, digests
@@ -212,10 +212,7 @@ def clean_instruction(reply: str) -> str:
 def add_instructions(ds, cfg: InstructionsConfig, *, run_seed: int):
     """`ds` with `instruction` and `instruction_source` on every ok row, from the configured source."""
     if cfg.source != "llm":
-        # Pure: whole blocks as Ray tasks (batch_size=None keeps rows streaming; see pipeline.build_dataset).
-        return ds.map_batches(
-            InstructionWriter(cfg), batch_format="pyarrow", zero_copy_batch=True, batch_size=None, num_cpus=LIGHT_STAGE_CPUS
-        )
+        return ds.map_batches(**block_task(InstructionWriter(cfg)))
     source = f"llm:{cfg.llm.model}"
 
     def request(row: dict[str, Any]) -> ChatRequest:
