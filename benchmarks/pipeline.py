@@ -152,7 +152,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     started = time.perf_counter()
     result = generate(cfg, output)
     pipeline_s = time.perf_counter() - started
-    operators = [StageStats(**stage) for stage in result.manifest["stages"] if stage["rows_in"] is not None]
+    operators = [StageStats(**stage) for stage in result.manifest["operators"] if stage["rows_in"] is not None]
     pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
 
     alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, store.PROMPTS_FILE))), str(work / "stages-alone"))
@@ -176,7 +176,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
         f"    shared-CPU bound 1/sum(1/rate) of the stages: {shared_bound:.3f} rows/s; "
         f"pipeline / that bound: {pipeline_slowest.rows_per_s / shared_bound:.2f}",
         f"    stage-by-stage output holds the same ids as the pipeline's: {same}",
-        "    pipeline stage table (Ray Data stats):",
+        "    pipeline stage table (Ray Data stats, by the method's stages):",
         *(f"      {s['stage'][:60]:60s} {s['rows_per_s']:9.3f} rows/s  wall {s['wall_s']:7.2f} s" for s in result.manifest["stages"]),
     ]
     print("\n".join(lines), flush=True)

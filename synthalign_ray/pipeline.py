@@ -246,6 +246,7 @@ def run_leased(
     manifest.update(
         counts=counts,
         **execution,
+        stages=progress.method_stage_rows(execution["operators"], [(stage.name, stage.operators) for stage in graph.build(cfg)]),
         waves=len(waves),
         wave_process_peak_rss_mib=[wave.peak_rss_mib for wave in executions],
         ray_version=ray.__version__,

@@ -2,17 +2,21 @@
 
 While a run goes, Ray Data prints one progress line per operator (rows, rate, actors); this module
 turns its end-of-run stats (`Dataset.get_stats_summary()`, a `DatasetStatsSummary`: one entry per
-physical operator, chained through `parents` from the source to the sink) into rows of a table:
+physical operator, chained through `parents` from the source to the sink) into rows of a table, first
+one per Ray Data operator (`run_stats`, the manifest's `operators`), then one per stage of the method
+(`method_stage_rows`, the manifest's `stages`, the table `generate` prints):
 
-    stage                                   rows in  rows out   wall s   busy s   rows/s  % of run
-    MapBatches(ImageGenerator)                    6         6     9.81     9.20     0.61      14.0
+    stage                  rows in  rows out   wall s   busy s   rows/s  % of run
+    images                       6         6     9.81     9.20     0.61      14.0
+    responses[llava-1.5]         6         6     0.69     0.92     8.70       1.0
 
-- stage: Ray Data's operator name. Ray fuses consecutive task-based maps into one operator
-  (`A->B->Write`), and a `ray.data.llm` processor is several operators (chat template, tokenize,
-  vLLM engine, detokenize, ...).
-- wall s: first task start to last task end of the operator. Actor start-up (model loading, a vLLM
-  engine's ~20 s on a CPU) happens before an actor's first task, so it is not in here.
-- busy s: the summed wall time of the operator's tasks (can exceed `wall s` when an actor runs several
+- stage: the method's stage (`stages.graph`). Ray fuses consecutive task-based maps into one operator
+  (`A->B->Write`); where it fused the maps of two stages, the row names both (`select_image +
+  instructions`). A `ray.data.llm` processor is several operators (chat template, tokenize, vLLM
+  engine, ...), one row.
+- wall s: first task start to last task end of the stage's longest operator. Actor start-up (model
+  loading, a vLLM engine's ~20 s on a CPU) happens before an actor's first task, so it is not in here.
+- busy s: the summed wall time of the stage's tasks (can exceed `wall s` when an actor runs several
   batches at once, as a vLLM engine does).
 - rows/s: rows out / wall s, Ray Data's own "Ray Data throughput" of the operator.
 - % of run: wall s / the execution time of the whole dataset. Stages stream side by side, so these
@@ -95,7 +99,7 @@ def run_stats(dataset) -> dict[str, Any]:
     summary = dataset.get_stats_summary()
     return {
         "execution_seconds": round(summary.time_total_s, 2),
-        "stages": [stage.to_dict() for stage in stage_stats(summary)],
+        "operators": [stage.to_dict() for stage in stage_stats(summary)],
     }
 
 
@@ -106,7 +110,7 @@ def add_run_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return runs[0]
     seconds = sum(run["execution_seconds"] for run in runs)
     stages = []
-    for per_wave in zip(*(run["stages"] for run in runs)):
+    for per_wave in zip(*(run["operators"] for run in runs)):
         rows_in = None if per_wave[0]["rows_in"] is None else sum(s["rows_in"] for s in per_wave)
         rows_out = sum(s["rows_out"] for s in per_wave)
         wall_s = sum(s["wall_s"] for s in per_wave)
@@ -120,7 +124,62 @@ def add_run_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
             share_of_run=round(wall_s / seconds, 4) if seconds > 0 else 0.0,
         )
         stages.append(stage.to_dict())
-    return {"execution_seconds": round(seconds, 2), "stages": stages}
+    return {"execution_seconds": round(seconds, 2), "operators": stages}
+
+
+# The row of the operator that reads the run's prompts file (Ray Data's source).
+PROMPTS_ROW = "prompts"
+
+
+def operator_udf(piece: str) -> str:
+    """The function or class a Ray Data operator runs: `MapBatches(ImageGenerator)` -> `ImageGenerator`;
+    an operator with no UDF (`ReadBlockFile`, `Write`) is its own name."""
+    return piece[piece.index("(") + 1 : -1] if piece.endswith(")") and "(" in piece else piece
+
+
+def claims(operators: tuple[str, ...], udf: str) -> bool:
+    """Whether a stage that declares `operators` runs `udf`: its name, or a `[label]` suffix (the name of
+    each operator `engines.vllm_engine.labelled` made for it)."""
+    return udf in operators or any(name.startswith("[") and udf.endswith(name) for name in operators)
+
+
+def method_stage_rows(operators: list[dict[str, Any]], stages: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
+    """The stage table in the method's words, from the operator rows of `run_stats` (Ray's names) and
+    the pipeline's stages as (name, the operators it declares), in order.
+
+    Each piece of a fused operator (`A->B->C`) names the stage that claims it, looking forward from the
+    last stage named; a piece no stage claims (Ray's and the carry's glue maps, `Write`) belongs to the
+    last stage named. An operator is labelled by the stages its pieces name, joined by ` + ` where Ray
+    fused maps of two stages into one. Consecutive operators of one label are one row: rows in of the
+    first, rows out of the last, the longest wall time (the operator that bounds the stage's rate), the
+    summed busy time."""
+    labelled: list[tuple[str, dict[str, Any]]] = []
+    current = None
+    for row in operators:
+        named = []
+        for piece in row["stage"].split("->"):
+            udf = operator_udf(piece)
+            start = 0 if current is None else current
+            index = next((i for i in range(start, len(stages)) if claims(stages[i][1], udf)), None)
+            if index is not None:
+                current = index
+                if stages[index][0] not in named:
+                    named.append(stages[index][0])
+        if not named:
+            named = [PROMPTS_ROW if current is None else stages[current][0]]
+        labelled.append((" + ".join(named), row))
+    rows: list[dict[str, Any]] = []
+    for label, row in labelled:
+        if rows and rows[-1]["stage"] == label:
+            merged = rows[-1]
+            merged["rows_out"] = row["rows_out"]
+            merged["wall_s"] = max(merged["wall_s"], row["wall_s"])
+            merged["busy_s"] = round(merged["busy_s"] + row["busy_s"], 3)
+            merged["share_of_run"] = max(merged["share_of_run"], row["share_of_run"])
+            merged["rows_per_s"] = round(merged["rows_out"] / merged["wall_s"], 3) if merged["wall_s"] > 0 else 0.0
+        else:
+            rows.append({**row, "stage": label})
+    return rows
 
 
 def format_table(stages: list[StageStats], run_s: float | None = None) -> str:

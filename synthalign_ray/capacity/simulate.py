@@ -51,6 +51,7 @@ import pyarrow as pa
 
 from synthalign_ray import store
 from synthalign_ray.config import SynthAlignConfig
+from synthalign_ray.engines.vllm_engine import labelled
 from synthalign_ray.capacity.plan import PlanError, Profile, gpu_pools, replicas_for_split, split_bound, stage_rates
 from synthalign_ray.zoo import CORPUS
 
@@ -236,7 +237,7 @@ def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatas
     def simulated(ds, stage: str):
         pool = by_stage[stage]
         return ds.map_batches(
-            SimulatedStage,
+            labelled(SimulatedStage, stage),
             fn_constructor_kwargs=dict(
                 kind=pool.kind, stage=stage, cfg=cfg, seconds=pool.seconds_per_batch * time_scale,
                 replicas=pool.per_actor, gpus=pool.per_actor * pool.gpus_per_replica, record_dir=record_dir,

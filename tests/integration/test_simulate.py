@@ -69,5 +69,7 @@ def test_waves_run_one_after_the_other_and_add_up(tmp_path):
     assert manifest["waves"] == 3 and manifest["counts"]["pairs"] == ROWS
     # each wave was driven by a process of its own, which reported its peak memory
     assert len(manifest["wave_process_peak_rss_mib"]) == 3 and all(mib > 0 for mib in manifest["wave_process_peak_rss_mib"])
-    assert [stage["rows_out"] for stage in manifest["stages"]] == [ROWS] * len(manifest["stages"])
-    assert manifest["stages"][0]["stage"] == "ReadBlockFile" and manifest["stages"][-1]["stage"].endswith("Write")
+    assert [operator["rows_out"] for operator in manifest["operators"]] == [ROWS] * len(manifest["operators"])
+    assert manifest["operators"][0]["stage"] == "ReadBlockFile" and manifest["operators"][-1]["stage"].endswith("Write")
+    # the stand-ins are named by the stages they stand for
+    assert [stage["stage"] for stage in manifest["stages"]][:3] == ["prompts", "images", "image_scores"]

@@ -60,4 +60,4 @@ def test_each_wave_runs_in_a_new_process_with_the_runs_ray_data_settings(ray_loc
     assert all(exits(pid) for pid in pids)
     assert all(result.counts == {"status": {}, "drop_reason": {}, "failed_stage": {}} for result in results)
     assert all(result.peak_rss_mib > 50 for result in results)  # a Ray worker with Ray Data imported
-    assert [stage["rows_out"] for stage in results[0].stats["stages"]][-1] == 4
+    assert [stage["rows_out"] for stage in results[0].stats["operators"]][-1] == 4

@@ -3,7 +3,7 @@ renamed field in Ray fails here rather than at the end of a long run)."""
 
 from ray.data._internal.stats import DatasetStatsSummary, IterStatsSummary, OperatorStatsSummary, StatsSummary
 
-from synthalign_ray.progress import StageStats, add_run_stats, format_table, is_write, stage_stats
+from synthalign_ray.progress import StageStats, add_run_stats, format_table, is_write, method_stage_rows, stage_stats
 
 
 def operator(name, rows_out, *, rows_in=None, wall_s, busy_s):
@@ -92,10 +92,10 @@ def test_manifest_rows_round_trip_to_the_same_table():
 def test_waves_add_up_to_one_stage_table():
     one = run_stats_of(pipeline_stats())
     assert add_run_stats([one]) is one
-    assert add_run_stats([]) == {"execution_seconds": 0, "stages": []}
+    assert add_run_stats([]) == {"execution_seconds": 0, "operators": []}
     both = add_run_stats([one, one])
     assert both["execution_seconds"] == 80.0
-    source, images, write = both["stages"]
+    source, images, write = both["operators"]
     assert source["rows_in"] is None and source["rows_out"] == 12
     assert (images["rows_in"], images["rows_out"], images["wall_s"], images["busy_s"]) == (12, 12, 20.0, 18.0)
     assert images["rows_per_s"] == 0.6 and images["share_of_run"] == 0.25
@@ -103,4 +103,68 @@ def test_waves_add_up_to_one_stage_table():
 
 
 def run_stats_of(summary):
-    return {"execution_seconds": summary.time_total_s, "stages": [s.to_dict() for s in stage_stats(summary)]}
+    return {"execution_seconds": summary.time_total_s, "operators": [s.to_dict() for s in stage_stats(summary)]}
+
+
+# The operators of the paper-twin run with three answerers (its manifest), in Ray's names and order:
+# (name, rows in, wall s, busy s).
+PAPER_TWIN_OPERATORS = [
+    ("ReadBlockFile", None, 0.01, 0.01),
+    ("MapBatches(ImageGenerator)", 6, 17.7, 17.0),
+    ("MapBatches(ImageScorer)", 6, 3.7, 3.5),
+    ("MapBatches(ImageSelector)->MapBatches(InstructionWriter)->MapBatches(record)->Map(_preprocess)", 6, 0.35, 0.3),
+    ("MapBatches(ChatTemplateUDF[llava-v1.6-mistral-7b])", 6, 0.23, 0.2),
+    ("MapBatches(MultiSampleEngineUDF[llava-v1.6-mistral-7b])", 6, 0.69, 1.1),
+    ("Map(_postprocess)->Map(finish_row)->Map(_preprocess)", 6, 0.03, 0.03),
+    ("MapBatches(ChatTemplateUDF[llava-v1.6-vicuna-13b])", 6, 0.06, 0.06),
+    ("MapBatches(MultiSampleEngineUDF[llava-v1.6-vicuna-13b])", 6, 1.25, 2.0),
+    ("Map(_postprocess)->Map(finish_row)->Map(_preprocess)", 6, 0.11, 0.1),
+    ("MapBatches(ChatTemplateUDF[llava-v1.6-vicuna-7b])", 6, 0.21, 0.2),
+    ("MapBatches(MultiSampleEngineUDF[llava-v1.6-vicuna-7b])", 6, 1.98, 3.0),
+    ("Map(_postprocess)->Map(finish_row)->MapBatches(restore)", 6, 0.08, 0.08),
+    ("MapBatches(ResponseScorer)", 6, 0.19, 0.18),
+    ("MapBatches(PairBuilder)->Write", 6, 0.15, 0.15),
+]
+
+
+def paper_twin_stages():
+    from synthalign_ray.config import load_config
+    from synthalign_ray.stages import graph
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "paper_tiny.yaml")
+    return cfg, [(stage.name, stage.operators) for stage in graph.build(cfg)]
+
+
+def operator_rows(operators):
+    return [
+        StageStats(name, rows_in, 6, wall_s, busy_s, round(6 / wall_s, 3), round(wall_s / 20.0, 4)).to_dict()
+        for name, rows_in, wall_s, busy_s in operators
+    ]
+
+
+def test_the_table_names_the_methods_stages_one_row_per_answerer():
+    cfg, stages = paper_twin_stages()
+    rows = method_stage_rows(operator_rows(PAPER_TWIN_OPERATORS), stages)
+    answerers = [f"responses[{model.name}]" for model in cfg.responses.models]
+    assert answerers == ["responses[llava-v1.6-mistral-7b]", "responses[llava-v1.6-vicuna-13b]", "responses[llava-v1.6-vicuna-7b]"]
+    assert [row["stage"] for row in rows] == [
+        "prompts", "images", "image_scores", "select_image + instructions", *answerers, "response_scores", "pairs",
+    ]
+    mistral = rows[4]
+    # Its chat template, its engine and the glue after it: the engine's wall time, the summed busy time.
+    assert (mistral["rows_in"], mistral["rows_out"], mistral["wall_s"], mistral["busy_s"]) == (6, 6, 0.69, 1.33)
+    assert mistral["rows_per_s"] == round(6 / 0.69, 3) and mistral["share_of_run"] == round(0.69 / 20.0, 4)
+
+
+def test_simulated_stand_ins_are_named_by_their_stage():
+    cfg, stages = paper_twin_stages()
+    names = ["images", "image_scores", *(model.name for model in cfg.responses.models), "response_scores"]
+    simulated = [("ReadBlockFile", None, 0.01, 0.01), *((f"MapBatches(SimulatedStage[{name}])", 6, 1.0, 1.0) for name in names)]
+    simulated.insert(3, ("MapBatches(ImageSelector)->MapBatches(InstructionWriter)", 6, 0.1, 0.1))
+    simulated.append(("MapBatches(PairBuilder)->Write", 6, 0.1, 0.1))
+    rows = method_stage_rows(operator_rows(simulated), stages)
+    assert [row["stage"] for row in rows] == [
+        "prompts", "images", "image_scores", "select_image + instructions",
+        *(f"responses[{model.name}]" for model in cfg.responses.models), "response_scores", "pairs",
+    ]
