@@ -123,12 +123,26 @@ def generate(
     force_unlock: Annotated[
         bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="show Ray's, vLLM's and the models' logs too (else only in OUTPUT/logs/)")
+    ] = False,
 ):
     """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
+    from synthalign_ray.console import run_console
     from synthalign_ray.pipeline import generate as run
+    from synthalign_ray.stages import graph
 
     cfg = _load(config, overrides)
-    result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
+    stages = [(stage.name, stage.operators) for stage in graph.build(cfg)]
+    with run_console(output, "generate", stages, verbose) as log:
+        result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
+        _report_run(cfg, output, result, log)
+
+
+def _report_run(cfg, output: str, result, log: str | None) -> None:
+    """generate's closing lines: the counts, the stage table, where the log is; exit 1 past max_failed_fraction."""
+    if log is not None:
+        typer.echo(f"log: {log}")
     c = result.counts
     typer.echo(
         f"{output}: {c['rows']} rows -> {c['pairs']} pairs, {c['dropped']} dropped {c['dropped_by_reason']}, "

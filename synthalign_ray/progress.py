@@ -143,21 +143,19 @@ def claims(operators: tuple[str, ...], udf: str) -> bool:
     return udf in operators or any(name.startswith("[") and udf.endswith(name) for name in operators)
 
 
-def method_stage_rows(operators: list[dict[str, Any]], stages: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
-    """The stage table in the method's words, from the operator rows of `run_stats` (Ray's names) and
-    the pipeline's stages as (name, the operators it declares), in order.
+def stage_labels(operators: list[str], stages: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """The method's stage of each Ray Data operator (Ray's names, in pipeline order), given the pipeline's
+    stages as (name, the operators it declares), in order.
 
     Each piece of a fused operator (`A->B->C`) names the stage that claims it, looking forward from the
     last stage named; a piece no stage claims (Ray's and the carry's glue maps, `Write`) belongs to the
-    last stage named. An operator is labelled by the stages its pieces name, joined by ` + ` where Ray
-    fused maps of two stages into one. Consecutive operators of one label are one row: rows in of the
-    first, rows out of the last, the longest wall time (the operator that bounds the stage's rate), the
-    summed busy time."""
-    labelled: list[tuple[str, dict[str, Any]]] = []
+    last stage named (before any: the read of the prompts). An operator is labelled by the stages its
+    pieces name, joined by ` + ` where Ray fused maps of two stages into one."""
+    labels = []
     current = None
-    for row in operators:
-        named = []
-        for piece in row["stage"].split("->"):
+    for operator in operators:
+        named: list[str] = []
+        for piece in operator.split("->"):
             udf = operator_udf(piece)
             start = 0 if current is None else current
             index = next((i for i in range(start, len(stages)) if claims(stages[i][1], udf)), None)
@@ -167,9 +165,17 @@ def method_stage_rows(operators: list[dict[str, Any]], stages: list[tuple[str, t
                     named.append(stages[index][0])
         if not named:
             named = [PROMPTS_ROW if current is None else stages[current][0]]
-        labelled.append((" + ".join(named), row))
+        labels.append(" + ".join(named))
+    return labels
+
+
+def method_stage_rows(operators: list[dict[str, Any]], stages: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
+    """The stage table in the method's words, from the operator rows of `run_stats` and the pipeline's
+    stages (`stage_labels`). Consecutive operators of one stage are one row: rows in of the first, rows
+    out of the last, the longest wall time (the operator that bounds the stage's rate), the summed busy
+    time."""
     rows: list[dict[str, Any]] = []
-    for label, row in labelled:
+    for label, row in zip(stage_labels([row["stage"] for row in operators], stages), operators):
         if rows and rows[-1]["stage"] == label:
             merged = rows[-1]
             merged["rows_out"] = row["rows_out"]

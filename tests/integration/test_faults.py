@@ -81,9 +81,14 @@ def generate():
         process.wait()
 
 
+def run_log(out: Path) -> str:
+    """What the run printed, then its log under the output (the workers' lines: injected faults and delays)."""
+    return (out.parent / f"{out.name}.log").read_text() + "".join(log.read_text() for log in sorted((out / "logs").glob("*.log")))
+
+
 def finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> tuple[dict, str]:
     code = process.wait(timeout=timeout)
-    log = (out.parent / f"{out.name}.log").read_text()
+    log = run_log(out)
     assert code == 0, log[-6000:]
     return json.loads((out / "manifest.json").read_text()), log
 
@@ -102,7 +107,7 @@ def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, generate, tmp_p
     # The node goes once the stuck block is in its image stage. Not at the first shard: the blocks reach
     # the one image replica in any order, and those queued behind the stuck block wait with it.
     deadline = time.time() + 400
-    while f"images: injected delay on ['{STUCK_ROW}'" not in (out.parent / f"{out.name}.log").read_text():
+    while f"images: injected delay on ['{STUCK_ROW}'" not in run_log(out):
         assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before the stuck block"
         time.sleep(0.5)
     committed_before = {row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)}

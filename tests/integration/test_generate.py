@@ -4,16 +4,19 @@ with `datasets`. Outputs of random models are noise: the checks are schema, sele
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import pytest
 from PIL import Image
 
+from synthalign_ray.console import RELAY_PREFIX
 from synthalign_ray.store.lease import LEASE_FILE
 from tests.conftest import REPO
 
@@ -80,7 +83,8 @@ def tiny_run(tmp_path_factory):
         "--set", "resources.secret_env=[SYNTHALIGN_TEST_SECRET]", env=dict(os.environ, SYNTHALIGN_TEST_SECRET=SECRET),
     )  # fmt: skip
     assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
-    (out.parent / "console.txt").write_text(result.stdout + result.stderr)
+    (out.parent / "console.stdout.txt").write_text(result.stdout)
+    (out.parent / "console.stderr.txt").write_text(result.stderr)
     return out, first_run, result
 
 
@@ -91,10 +95,24 @@ def run_dir(tiny_run):
 
 def test_console_without_a_terminal_gets_progress_lines_not_redraws(run_dir):
     """Measured on the full 6-row tiny run with its output in a file: 58,030 lines (48,922 of them blank)
-    while the wave process's tqdm bars were relayed, 454 with Ray Data's logging progress."""
-    lines = (run_dir.parent / "console.txt").read_text().splitlines()
-    assert sum(1 for line in lines if not line.strip()) < 20 and len(lines) < 1000, len(lines)
-    assert any("Total Progress:" in line for line in lines)  # Ray Data's periodic report, a line per stage
+    while the wave process's tqdm bars were relayed, 454 with Ray Data's logging progress, 363 before the
+    workers' logs went to the log file (console.py)."""
+    stdout, stderr = ((run_dir.parent / f"console.{name}.txt").read_text() for name in ("stdout", "stderr"))
+    lines = (stdout + stderr).splitlines()
+    assert len(lines) < 200 and sum(1 for line in lines if not line.strip()) < 5, len(lines)
+    # Progress in the method's words, one line per stage that moved (Ray Data's reports condensed).
+    assert any(re.match(r"\[ *\d+ s\] responses\[llava-next\]: \d+/\S+ rows$", line) for line in stdout.splitlines()), stdout
+    # No relayed worker line reaches the console; the log under the output keeps them.
+    assert not any(RELAY_PREFIX.match(line) for line in lines), [line for line in lines if RELAY_PREFIX.match(line)][:5]
+    log = stdout.splitlines()[-(len(manifest_stages(run_dir)) + 4)].removeprefix("log: ")
+    assert Path(log).parent == run_dir / "logs" and sum(1 for line in Path(log).read_text().splitlines() if RELAY_PREFIX.match(line)) > 20
+    # The end: the log, the counts with the output path, the stage table.
+    assert stdout.splitlines()[-1].startswith("execution time of the whole dataset")
+    assert stdout.splitlines()[-(len(manifest_stages(run_dir)) + 3)].startswith(f"{run_dir}: 6 rows ->")
+
+
+def manifest_stages(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())["stages"]
 
 
 # Before any rerun without secret_env rewrites the manifest.

@@ -32,7 +32,7 @@ LAYERS = [
     # 6, capacity: plan, simulate, calibrate.
     {"capacity"},
     # 7, the face.
-    {"cli", "__main__"},
+    {"cli", "console", "__main__"},
 ]
 
 # The modules that may import the zoo: the base (model references resolve through it), the zoo itself
