@@ -13,31 +13,19 @@ the cost of the distributed machinery, not a speed-up (that needs more cores or 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' synthetic pairs, so the benchmark trains on the tested data
 
-from synthalign_ray import store  # noqa: E402
-from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import load_train_config
 from synthalign_ray.train.dpo import dpo_args, load_model, lora_config
 from synthalign_ray.train.log import LOG_FILE, read_log
+from synthalign_ray.train.fixture import write_pairs
 from synthalign_ray.train.trainer import train
-from tests.integration.test_trl_dpo_accepts_pairs import synthetic_rows  # noqa: E402
-
-
-def make_pairs(folder: Path, n: int) -> str:
-    built = PairBuilder(PairsConfig())(synthetic_rows(n))
-    pairs = built.filter(pc.equal(built.column("status"), "ok"))
-    store.write_table(str(folder / "pairs" / "part-0.parquet"), store.with_hf_features(pairs))
-    return str(folder)
 
 
 def speed(step_end: dict[int, float], tokens: dict[int, float], started: float) -> tuple[float, float]:
@@ -109,7 +97,7 @@ def main() -> None:
         [*common, "scaling.num_workers=1", "optim.per_device_batch_size=2", "deepspeed.enabled=false"],
     )
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        data = make_pairs(Path(tmp) / "data", args.pairs)
+        data = write_pairs(str(Path(tmp) / "data"), args.pairs)
         plain_first, plain_tps = plain_trl(one, data, f"{tmp}/plain")
         ray_first, ray_tps = ray_workers(two, data, f"{tmp}/ray")
 

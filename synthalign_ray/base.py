@@ -105,9 +105,7 @@ def local_model_folder(ref: str) -> Path | None:
 
 def resolve_model_path(ref: str) -> str:
     """The local folder behind a model reference (builds zoo models, fetches hub ids into the HF cache)."""
-    if ref.startswith(ZOO_PREFIX):
-        return zoo.resolve(ref)
-    local = Path(ref).expanduser()
+    local = Path(model_source(ref)).expanduser()
     if local.exists():
         return str(local)
     from huggingface_hub import snapshot_download

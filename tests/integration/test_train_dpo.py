@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import math
 
-import pyarrow.compute as pc
 import pytest
 import torch
 
-from synthalign_ray import store, zoo
-from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
+from synthalign_ray import zoo
 from synthalign_ray.train import log as train_log
 from synthalign_ray.train.config import load_train_config
 from synthalign_ray.train.trainer import train
 from tests.conftest import REPO
-from tests.integration.test_trl_dpo_accepts_pairs import synthetic_rows
+from synthalign_ray.train.fixture import write_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +45,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def pairs_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("pairs-run")
-    built = PairBuilder(PairsConfig())(synthetic_rows(PAIRS))
-    pairs = built.filter(pc.equal(built.column("status"), "ok"))
-    assert pairs.num_rows == PAIRS
-    store.write_table(str(run / "pairs" / "part-0.parquet"), store.with_hf_features(pairs))
-    return str(run)
+    return write_pairs(str(run), PAIRS)
 
 
 def _config(*overrides: str):

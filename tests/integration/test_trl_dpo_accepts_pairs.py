@@ -7,43 +7,15 @@ equal to the policy (step one, dropout off), DPO's sigmoid loss is -log sigmoid(
 
 import math
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
 from synthalign_ray import store, zoo
 from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
-from synthalign_ray.stages.prompts import prompts_table
+from synthalign_ray.train.fixture import scored_rows
 
 pytestmark = pytest.mark.slow
-
-RESPONSE_TYPE = pa.struct(
-    [("model", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()), ("error", pa.string())]
-)
-WORDS = "a dog is sitting on the grass near a red car in the park".split()
-
-
-def synthetic_rows(n: int) -> pa.Table:
-    table = prompts_table(
-        [{"id": f"p{i}", "category": "c", "t2i_prompt": "a park", "seed": i, "source_line": i + 1} for i in range(n)]
-    )
-    images = [store.encode_image(Image.new("RGB", (48, 40), (30 * i, 90, 200 - 30 * i))) for i in range(n)]
-    table = table.append_column(pa.field("image", store.IMAGE_TYPE), pa.array(images, store.IMAGE_TYPE))
-    table = table.append_column("image_index", pa.array([0] * n, pa.int32()))
-    table = table.append_column("instruction", pa.array([f"describe the image {i} please" for i in range(n)]))
-    responses = [
-        [
-            {"model": f"m{k}", "text": " ".join(WORDS[k : k + 3 + i]), "finish_reason": "stop", "error": None}
-            for k in range(3)
-        ]
-        + [{"model": "m3", "text": None, "finish_reason": None, "error": "engine died"}]
-        for i in range(n)
-    ]
-    table = table.append_column("responses", pa.array(responses, pa.list_(RESPONSE_TYPE)))
-    scores = [[0.1 * i, 1.0, -1.0, None] for i in range(n)]
-    return table.append_column("response_scores", pa.array(scores, pa.list_(pa.float32())))
-
 
 # "full": the rows as the pipeline writes them (TRL's collator then takes the single-image `image`
 # column, which holds the same image); "trl_only": just the TRL columns, so `images` is what is used;
@@ -55,7 +27,7 @@ def test_dpo_trainer_takes_the_pairs_parquet_as_is(tmp_path, layout):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
-    built = PairBuilder(PairsConfig(system_prompt="You are a careful assistant."))(synthetic_rows(4))
+    built = PairBuilder(PairsConfig(system_prompt="You are a careful assistant."))(scored_rows(4))
     pairs = built.filter(pc.equal(built.column("status"), "ok"))
     assert pairs.num_rows == 4
     if layout == "trl_only":
@@ -120,7 +92,7 @@ def test_full_fine_tuning_trains_the_language_model_only(tmp_path):
     from synthalign_ray.train.dpo import is_vision_module, policy_and_reference
     from tests.conftest import REPO
 
-    built = PairBuilder(PairsConfig())(synthetic_rows(2))
+    built = PairBuilder(PairsConfig())(scored_rows(2))
     store.write_table(str(tmp_path / "pairs" / "part-0.parquet"), store.with_hf_features(built))
     dataset = datasets.load_dataset("parquet", data_files=str(tmp_path / "pairs" / "*.parquet"), split="train")
     cfg = load_train_config(REPO / "configs" / "train_tiny.yaml", ["finetune=full"])

@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
 from synthalign_ray import store, zoo
 from synthalign_ray.config import ConfigError
-from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train import log as train_log
 from synthalign_ray.train.config import TrainConfig, load_train_config
@@ -26,7 +24,7 @@ from synthalign_ray.train.dpo import (
 )
 from synthalign_ray.train.trainer import TrainRunError, _claim_output, check_lora_on_meta
 from tests.conftest import REPO
-from tests.integration.test_trl_dpo_accepts_pairs import synthetic_rows
+from synthalign_ray.train.fixture import pairs_table
 
 TINY = REPO / "configs" / "train_tiny.yaml"
 PAPER = REPO / "configs" / "train_paper.yaml"
@@ -142,8 +140,7 @@ def test_a_plain_projection_list_reaches_the_vision_tower_and_is_refused():
 
 
 def _pairs_table(n: int = 4) -> pa.Table:
-    built = PairBuilder(PairsConfig())(synthetic_rows(n))
-    return built.filter(pc.equal(built.column("status"), "ok"))
+    return pairs_table(n)
 
 
 def _write(folder, table: pa.Table, name: str = "part-0.parquet") -> str:
