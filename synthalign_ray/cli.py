@@ -155,7 +155,7 @@ def _report_run(cfg, output: str, result, log: str | None) -> None:
         stages = [StageStats(**stage) for stage in result.manifest["stages"]]
         typer.echo(format_table(stages, run_s=result.manifest["execution_seconds"]))
     if result.failed_fraction > cfg.resources.max_failed_fraction:
-        from synthalign_ray.pipeline import failure_report
+        from synthalign_ray.accounting import failure_report
 
         lines = failure_report(c, result.failures, cfg.resources.max_failed_fraction)
         typer.secho(f"error: {lines[0]}", fg="red", err=True)

@@ -16,24 +16,23 @@ Resume and exactly-once: the committed shards are the record of what is done. A 
 output reads the ids of `pairs/` and `dropped/` (each shard is moved into place whole, so a killed run
 leaves whole shards or none), feeds only the other prompts through, and removes the old `failed/`
 shards first since those rows are tried again. The manifest is rebuilt from the shards at the end,
-with a check that no id occurs twice and that input = pairs + dropped + failed.
+with a check that no id occurs twice and that input = pairs + dropped + failed (`accounting.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from collections.abc import Iterable
 from typing import Any
 
 from synthalign_ray import progress, store
+from synthalign_ray.accounting import accounting, failed_fraction, record_lost_rows
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
-from synthalign_ray.ids import IdSet, digests
+from synthalign_ray.ids import digests
 from synthalign_ray.store.lease import output_lease
 from synthalign_ray.runtime import (
     check_chat_environment,
@@ -45,22 +44,11 @@ from synthalign_ray.runtime import (
 )
 from synthalign_ray.stages import graph
 from synthalign_ray.stages.common import start_batch_attempts
-from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, model_source
+from synthalign_ray.base import STATUS_FAILED, model_source
 from synthalign_ray.stages.instructions import missing_instructions
 from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck, check_prompts, prompt_rows, valid_ids, with_status_columns
 
 log = logging.getLogger(__name__)
-
-
-# A row whose block Ray Data gave up on (resources.max_lost_blocks): its task failed past Ray's retries
-# before any stage could record the row's own outcome.
-LOST_STAGE = "ray"
-LOST_ERROR = (
-    "LostBlock: the block holding this row failed after Ray's retries; the Ray logs say why; a rerun tries it again"
-)
-
-class AccountingError(RuntimeError):
-    """The output does not hold every input row exactly once: a bug, never a user error."""
 
 
 @dataclass
@@ -75,24 +63,6 @@ class RunResult:
     @property
     def failed_fraction(self) -> float:
         return failed_fraction(self.counts)
-
-
-def failed_fraction(counts: dict[str, Any]) -> float:
-    """Failed rows over the rows of the run's input (0 for no rows)."""
-    return counts["failed"] / counts["rows"] if counts["rows"] else 0.0
-
-
-def failure_report(counts: dict[str, Any], failures: dict[str, dict[str, Any]], max_fraction: float) -> list[str]:
-    """What `generate` prints when more than `max_fraction` of the rows failed: the totals, then per stage its
-    rows and most common errors."""
-    lines = [
-        f"{counts['failed']} of {counts['rows']} rows failed ({failed_fraction(counts):.1%}), more than "
-        f"resources.max_failed_fraction ({max_fraction:.1%}). Every row is written; a rerun retries the failed ones."
-    ]
-    for stage, summary in failures.items():
-        lines.append(f"  {stage}: {summary['rows']} rows")
-        lines += [f"    {rows} x {message}" for message, rows in summary["errors"]]
-    return lines
 
 
 def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
@@ -280,54 +250,3 @@ def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, p
     if len(done):
         log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
     return todo
-
-
-def lost_rows(prompts, written: IdSet | store.Outcomes):
-    """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows."""
-    import pyarrow as pa
-
-    lost = prompts.filter(~written.contains(digests(prompts["id"].to_pylist())))
-    n = lost.num_rows
-    for name, value in (("status", STATUS_FAILED), ("failed_stage", LOST_STAGE), ("error", LOST_ERROR)):
-        lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array([value] * n, pa.string()))
-    return lost
-
-
-def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes) -> int:
-    """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
-    total = 0
-    for block in store.read_blocks(prompts_uri):
-        lost = lost_rows(block, written)
-        if lost.num_rows:
-            log.warning("%d rows were lost with their block and are recorded failed, e.g. %s", lost.num_rows, lost["id"][:5].to_pylist())
-            store.write_table(store.join(output, store.FOLDERS[STATUS_FAILED], store.shard_name(lost)), store.with_hf_features(lost))
-            total += lost.num_rows
-    return total
-
-
-def accounting(output: str, check: PromptCheck, outcomes: store.Outcomes, this_run: dict, input_ids: Iterable[str]) -> dict[str, Any]:
-    """Counts over the whole output (all runs of it), checked: every valid input id (`check.ids`, which
-    `outcomes` is counted against) there exactly once. `input_ids` (lazy: read only to name rows with no
-    outcome) are those ids."""
-    if outcomes.input_ids != check.ids:
-        raise ValueError("accounting needs the outcomes counted against the check's ids: store.output_counts(output, check.ids)")
-    if outcomes.duplicates:
-        raise AccountingError(f"{output}: ids written more than once: {outcomes.duplicates[:10]}")
-    missing = outcomes.missing()
-    if missing:
-        examples = (i for i in input_ids if not outcomes.contains(digests([i]))[0])
-        raise AccountingError(f"{output}: {missing} input rows have no outcome, e.g. {list(itertools.islice(examples, 10))}")
-    status = outcomes.counts["status"]
-    return {
-        "input_rows": check.rows + len(check.bad),
-        "rejected_input_rows": len(check.bad),
-        "rows": check.rows,
-        "pairs": status.get(STATUS_OK, 0),
-        "dropped": status.get(STATUS_DROPPED, 0),
-        "failed": status.get(STATUS_FAILED, 0),
-        "dropped_by_reason": outcomes.counts["drop_reason"],
-        "failed_by_stage": outcomes.counts["failed_stage"],
-        # Rows of earlier runs of this output whose prompts are not in this input (e.g. a lower limit).
-        "outside_input": len(outcomes.outside_input),
-        "processed_this_run": sum(this_run["status"].values()),
-    }

@@ -2,7 +2,7 @@
 
 Rows go through ImageSelector and PairBuilder (the pipeline's pure stages) and StatusSplitDatasink.write,
 so the shards in pairs/, dropped/ and failed/ have exactly the generation's schemas; the manifest
-counts come from pipeline.accounting. The test then recomputes the report's numbers straight from the
+counts come from accounting.accounting. The test then recomputes the report's numbers straight from the
 Parquet, with its own code, and compares them with stats.json; checks the card, the plots (valid PNGs)
 and the page's embedded sample.
 """
@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from synthalign_ray import store
 from synthalign_ray.cli import app
 from synthalign_ray.ids import IdSet
-from synthalign_ray.pipeline import accounting
+from synthalign_ray.accounting import accounting
 from synthalign_ray.stages.image_scores import ImageSelector
 from synthalign_ray.stages.pairs import PairBuilder, PairsConfig
 from synthalign_ray.stages.prompts import PromptCheck, prompts_table

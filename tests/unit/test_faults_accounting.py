@@ -8,7 +8,7 @@ import pytest
 
 from synthalign_ray import store
 from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.pipeline import (
+from synthalign_ray.accounting import (
     LOST_STAGE,
     AccountingError,
     accounting,
