@@ -51,7 +51,7 @@ def plain_trl(cfg, data: str, output: str) -> tuple[float, float]:
     path = resolve_model_path(cfg.model)
     files = train_data.parquet_files(data)
     dataset = train_data.load_pairs(files, train_data.image_column(files))
-    set_seed(cfg.optim.seed)
+    set_seed(cfg.trl_args()["seed"])
     args = dpo_args(cfg, output)
     args.save_strategy = "no"
     trainer = DPOTrainer(
@@ -88,13 +88,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    common = [f"optim.max_steps={args.steps}", f"dpo.max_length={args.max_length}", "merge=false"]
+    common = [f"trl.max_steps={args.steps}", f"trl.max_length={args.max_length}", "merge=false"]
     common += [f"run.checkpoint_every={args.steps}"]  # one checkpoint, at the end: measure training
     # The same global batch of 2 pairs per step: 2 workers x 1, or 1 process x 2.
-    two = load_train_config(REPO / "configs" / "train_tiny.yaml", [*common, "scaling.num_workers=2", "optim.per_device_batch_size=1"])
+    two = load_train_config(REPO / "configs" / "train_tiny.yaml", [*common, "scaling.num_workers=2", "trl.per_device_train_batch_size=1"])
     one = load_train_config(
         REPO / "configs" / "train_tiny.yaml",
-        [*common, "scaling.num_workers=1", "optim.per_device_batch_size=2", "deepspeed.enabled=false"],
+        [*common, "scaling.num_workers=1", "trl.per_device_train_batch_size=2", "deepspeed.enabled=false"],
     )
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = write_pairs(str(Path(tmp) / "data"), args.pairs)

@@ -2,14 +2,15 @@
 
 The defaults are the paper's recipe (PDS-DPO, section 4 / official code): LoRA r128 alpha 256 on the
 language model only, beta 0.1 sigmoid DPO loss, 2 epochs, lr 1e-5, gradient accumulation 4, DeepSpeed
-ZeRO-2. Errors name the file and the dotted field, e.g.
-``configs/train_tiny.yaml: deepspeed.zero_stage: Input should be less than or equal to 3``.
+ZeRO-2. TRL's own settings are a `trl:` section of trl.DPOConfig's fields, passed to it as is (and
+checked by building one); the other sections are this tool's. Errors name the file and the dotted field,
+e.g. ``configs/train_tiny.yaml: deepspeed.zero_stage: Input should be less than or equal to 3``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,38 +35,6 @@ class LoraSettings(StrictModel):
     allow_vision: bool = Field(
         False, description="allow target modules inside the vision tower or projector (the paper keeps them frozen)"
     )
-
-
-class DPOSettings(StrictModel):
-    beta: float = Field(0.1, gt=0, description="DPO beta (paper: 0.1)")
-    loss_type: str = Field("sigmoid", description="TRL loss type (paper: sigmoid, the original DPO loss)")
-    max_length: int = Field(2048, ge=8, description="tokens of prompt (image tokens included) + answer")
-    too_long: Literal["skip", "fail", "truncate"] = Field(
-        "skip",
-        description="pairs over max_length: skip (counted and reported), fail (error naming the rows), "
-        "truncate (TRL's keep_start truncation of the answer)",
-    )
-
-
-class OptimSettings(StrictModel):
-    epochs: float = Field(2.0, gt=0, description="passes over the data (paper: 2)")
-    max_steps: int = Field(-1, description="optimizer steps; > 0 overrides epochs")
-    learning_rate: float = Field(1e-5, gt=0, description="paper: 1e-5")
-    per_device_batch_size: int = Field(1, ge=1, description="pairs per worker per micro-batch")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="paper: 4")
-    global_batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="pairs per optimizer step over all workers (paper: 8 = 2 GPUs x 1 x accumulation 4); when set, "
-        "gradient_accumulation_steps is derived from it, so changing scaling.num_workers keeps the recipe",
-    )
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
-    warmup_steps: float = Field(0.03, ge=0, description="warmup: a ratio of all steps if < 1, else a step count")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = Field(False, description="trade compute for memory (7B on 40 GB cards)")
-    bf16: bool | None = Field(None, description="None: bf16 on GPU workers, fp32 on CPU workers")
-    seed: int = Field(0, ge=0)
 
 
 class DeepSpeedSettings(StrictModel):
@@ -98,6 +67,45 @@ class RunSettings(WorkerEnvironment):
         return {**self.env, **self.secret_values()}
 
 
+# trl.DPOConfig's fields where the paper's recipe differs from TRL's defaults (or TRL has none that fits a
+# Ray Train worker). A config's `trl:` section is laid over these, key by key, and passed as is.
+PAPER_TRL_ARGS: dict[str, Any] = {
+    "beta": 0.1,  # paper
+    "loss_type": ["sigmoid"],  # paper: the original DPO loss
+    "max_length": 2048,  # LLaVA-1.5's context: 576 image tokens + prompt + answer
+    "num_train_epochs": 2,  # paper
+    "learning_rate": 1e-5,  # paper
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,  # paper
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a ratio of all steps when < 1 (LLaVA's warmup ratio)
+    "seed": 0,
+    "logging_steps": 1,
+    "report_to": [],  # no experiment tracker unless asked (mlflow, wandb, tensorboard)
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+}
+# DPOConfig fields this tool sets from its own sections; in `trl:` they are refused, naming the section.
+SET_BY_SYNTHALIGN = {
+    "output_dir": "the training OUTPUT (--output)",
+    "use_cpu": "scaling.use_gpu",
+    "deepspeed": "the deepspeed: section",
+    "save_strategy": "run.checkpoint_every",
+    "save_steps": "run.checkpoint_every",
+}
+# Where each field of the sections `dpo:`, `optim:` and the top-level TRL fields of earlier configs went.
+MOVED = {
+    "dpo.beta": "trl.beta", "dpo.loss_type": "trl.loss_type", "dpo.max_length": "trl.max_length",
+    "dpo.too_long": "too_long", "optim.epochs": "trl.num_train_epochs", "optim.max_steps": "trl.max_steps",
+    "optim.learning_rate": "trl.learning_rate", "optim.per_device_batch_size": "trl.per_device_train_batch_size",
+    "optim.gradient_accumulation_steps": "trl.gradient_accumulation_steps", "optim.global_batch_size": "global_batch_size",
+    "optim.lr_scheduler": "trl.lr_scheduler_type", "optim.warmup_steps": "trl.warmup_steps",
+    "optim.weight_decay": "trl.weight_decay", "optim.max_grad_norm": "trl.max_grad_norm",
+    "optim.gradient_checkpointing": "trl.gradient_checkpointing", "optim.bf16": "trl.bf16", "optim.seed": "trl.seed",
+    "report_to": "trl.report_to", "logging_steps": "trl.logging_steps",
+}  # fmt: skip
+
+
 class TrainConfig(StrictModel):
     model: ModelRef = Field(description="base LVLM: zoo:NAME, a local folder, or a hub id")
     finetune: Literal["lora", "full"] = Field(
@@ -110,53 +118,105 @@ class TrainConfig(StrictModel):
         description="chat_template: the processor's chat template renders the pairs; llava_v1: LLaVA-1.5's official "
         "vicuna_v1 conversation (its system sentence, USER:/ASSISTANT:, </s> after answers), as the paper trained",
     )
+    too_long: Literal["skip", "fail", "truncate"] = Field(
+        "skip",
+        description="pairs over trl.max_length: skip (counted and reported), fail (error naming the rows), "
+        "truncate (TRL's keep_start truncation of the answer)",
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="pairs per optimizer step over all workers (paper: 8 = 2 GPUs x 1 x accumulation 4); when set, "
+        "trl.gradient_accumulation_steps is derived from it, so changing scaling.num_workers keeps the recipe",
+    )
+    trl: dict[str, Any] = Field(
+        default_factory=dict,
+        description="trl.DPOConfig's fields, laid over the paper's (PAPER_TRL_ARGS) and passed as is; "
+        "bf16 unset: bf16 on GPU workers, fp32 on CPU workers",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    dpo: DPOSettings = Field(default_factory=DPOSettings)
-    optim: OptimSettings = Field(default_factory=OptimSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     run: RunSettings = Field(default_factory=RunSettings)
-    report_to: list[Literal["mlflow", "wandb", "tensorboard"]] = Field(
-        default_factory=list, description="TRL/transformers experiment trackers; off by default"
-    )
-    logging_steps: int = Field(1, ge=1)
     merge: bool = Field(True, description="also save base + LoRA merged, in the HF format vLLM serves")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = []
+            for old, new in MOVED.items():
+                section, _, key = old.rpartition(".")
+                holder = data.get(section) if section else data
+                if isinstance(holder, dict) and key in holder:
+                    moved.append(f"{old} is now {new}")
+            if moved or "dpo" in data or "optim" in data:
+                raise ValueError(f"TRL's settings are a trl: section of trl.DPOConfig's own fields: {'; '.join(moved) or 'see docs/training.md'}")
+        return data
 
     @model_validator(mode="after")
     def _gpu_settings(self):
-        if self.optim.bf16 and not self.scaling.use_gpu:
-            raise ValueError("optim.bf16: bf16 training needs scaling.use_gpu: true (CPU workers train in fp32)")
+        if self.trl.get("bf16") and not self.scaling.use_gpu:
+            raise ValueError("trl.bf16: bf16 training needs scaling.use_gpu: true (CPU workers train in fp32)")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
         return self
 
     @model_validator(mode="after")
     def _keep_global_batch(self):
-        optim, workers = self.optim, self.scaling.num_workers
-        if optim.global_batch_size is None:
+        workers, per_device = self.scaling.num_workers, self.trl_args()["per_device_train_batch_size"]
+        if self.global_batch_size is None:
             return self
-        per_step = workers * optim.per_device_batch_size
-        if optim.global_batch_size % per_step:
+        per_step = workers * per_device
+        if self.global_batch_size % per_step:
             raise ValueError(
-                f"optim.global_batch_size: {optim.global_batch_size} is not a multiple of scaling.num_workers ({workers}) "
-                f"x optim.per_device_batch_size ({optim.per_device_batch_size}) = {per_step}"
+                f"global_batch_size: {self.global_batch_size} is not a multiple of scaling.num_workers ({workers}) "
+                f"x trl.per_device_train_batch_size ({per_device}) = {per_step}"
             )
-        accumulation = optim.global_batch_size // per_step
-        if "gradient_accumulation_steps" in optim.model_fields_set and optim.gradient_accumulation_steps != accumulation:
+        accumulation = self.global_batch_size // per_step
+        given = self.trl.get("gradient_accumulation_steps")
+        if given is not None and given != accumulation:
             raise ValueError(
-                f"optim.gradient_accumulation_steps: {optim.gradient_accumulation_steps} contradicts optim.global_batch_size "
-                f"{optim.global_batch_size} on {workers} worker(s) ({accumulation}); set only one of them"
+                f"trl.gradient_accumulation_steps: {given} contradicts global_batch_size {self.global_batch_size} "
+                f"on {workers} worker(s) ({accumulation}); set only one of them"
             )
-        # Bypasses validate_assignment, which would mark the field as set by the user.
-        optim.__dict__["gradient_accumulation_steps"] = accumulation
+        self.trl["gradient_accumulation_steps"] = accumulation  # what the workers see (and re-validate)
         return self
+
+    @model_validator(mode="after")
+    def _trl_args_make_a_dpo_config(self):
+        """The trl: section is checked by TRL itself: DPOConfig built from it (on the CPU: no GPU is needed to
+        check a config) must accept every field."""
+        import tempfile
+
+        from trl import DPOConfig
+
+        for key, section in SET_BY_SYNTHALIGN.items():
+            if key in self.trl:
+                raise ValueError(f"trl.{key}: set by synthalign from {section}")
+        with tempfile.TemporaryDirectory() as output_dir:
+            try:
+                DPOConfig(**self.trl_args(), output_dir=output_dir, use_cpu=True)
+            except TypeError as error:
+                unknown = str(error).rsplit(" ", 1)[-1].strip("'")
+                raise ValueError(f"trl.{unknown}: not a field of trl.DPOConfig") from None
+            except ValueError as error:
+                raise ValueError(f"trl: trl.DPOConfig refuses it: {error}") from None
+        return self
+
+    def trl_args(self) -> dict[str, Any]:
+        """The arguments of trl.DPOConfig this config gives (the paper's, then the trl: section), and bf16."""
+        args = {**PAPER_TRL_ARGS, **self.trl}
+        args.setdefault("bf16", self.scaling.use_gpu)
+        return args
 
     def global_batch(self) -> int:
         """Pairs per optimizer step over all workers."""
-        return self.scaling.num_workers * self.optim.per_device_batch_size * self.optim.gradient_accumulation_steps
+        args = self.trl_args()
+        return self.scaling.num_workers * args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
 
     def use_bf16(self) -> bool:
-        return self.scaling.use_gpu if self.optim.bf16 is None else self.optim.bf16
+        return bool(self.trl_args()["bf16"])
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

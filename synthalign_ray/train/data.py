@@ -9,9 +9,9 @@ carry every candidate image, which training never reads.
 
 `check_pairs` runs on the driver with the base model's processor and fails in seconds, naming the file,
 row and column: no rows, missing columns, null texts, images that do not decode, a processor without
-an image token. Pairs longer than `dpo.max_length` (prompt with its image tokens + answer, measured
+an image token. Pairs longer than `trl.max_length` (prompt with its image tokens + answer, measured
 with the processor exactly as TRL's collator builds them) are skipped and counted, refused, or left to
-TRL's truncation, as `dpo.too_long` says.
+TRL's truncation, as `too_long` says.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def check_pairs(
         report.max_tokens = max(report.max_tokens, longest)
         if longest > max_length and too_long != "truncate":
             if too_long == "fail":
-                problems.append(f"{locate(index)}: {longest} tokens > dpo.max_length {max_length}")
+                problems.append(f"{locate(index)}: {longest} tokens > trl.max_length {max_length}")
             else:
                 report.skipped_too_long.append(index)
         if len(problems) >= _MAX_REPORTED:
@@ -260,7 +260,7 @@ def check_pairs(
         raise DataError(f"{data}: bad training rows:\n  " + "\n  ".join(problems))
     if report.trained_rows == 0:
         raise DataError(
-            f"{data}: all {report.rows} pairs are longer than dpo.max_length {max_length} "
-            f"(longest {report.max_tokens} tokens); raise dpo.max_length or set dpo.too_long: truncate"
+            f"{data}: all {report.rows} pairs are longer than trl.max_length {max_length} "
+            f"(longest {report.max_tokens} tokens); raise trl.max_length or set too_long: truncate"
         )
     return report

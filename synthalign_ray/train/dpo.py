@@ -136,35 +136,19 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def dpo_args(cfg: TrainConfig, output_dir: str, max_steps: int | None = None):
+    """trl.DPOConfig of a worker: the config's trl arguments as they are, and what this tool sets itself."""
     from trl import DPOConfig
 
-    optim = cfg.optim
+    args = cfg.trl_args()
+    if max_steps is not None:
+        args["max_steps"] = max_steps
     return DPOConfig(
+        **args,
         output_dir=output_dir,
         use_cpu=not cfg.scaling.use_gpu,
-        bf16=cfg.use_bf16(),
         deepspeed=deepspeed_config(cfg),
-        beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type],
-        max_length=cfg.dpo.max_length,
-        num_train_epochs=optim.epochs,
-        max_steps=optim.max_steps if max_steps is None else max_steps,
-        learning_rate=optim.learning_rate,
-        per_device_train_batch_size=optim.per_device_batch_size,
-        gradient_accumulation_steps=optim.gradient_accumulation_steps,
-        lr_scheduler_type=optim.lr_scheduler,
-        warmup_steps=optim.warmup_steps,
-        weight_decay=optim.weight_decay,
-        max_grad_norm=optim.max_grad_norm,
-        gradient_checkpointing=optim.gradient_checkpointing,
-        seed=optim.seed,
-        data_seed=optim.seed,
-        logging_steps=cfg.logging_steps,
-        report_to=list(cfg.report_to),
         save_strategy="steps",
         save_steps=cfg.run.checkpoint_every,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
 
 
@@ -253,7 +237,7 @@ def train_worker(job: dict[str, Any]) -> None:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
     dataset = data.render_pairs(dataset, processor, cfg.prompt_format)
 
-    set_seed(cfg.optim.seed)  # the same LoRA init on every worker and in every run
+    set_seed(cfg.trl_args()["seed"])  # the same LoRA init on every worker and in every run
     model, ref_model, peft_config = policy_and_reference(model_path, cfg)
 
     # A fresh local folder per worker and attempt: a crashed attempt's unregistered checkpoints must not

@@ -99,12 +99,12 @@ def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
     model_path = model_source(cfg.model)
     processor = AutoProcessor.from_pretrained(model_path)
     report = train_data.check_pairs(
-        data, processor, cfg.model, cfg.dpo.max_length, cfg.dpo.too_long, cfg.prompt_format
+        data, processor, cfg.model, cfg.trl_args()["max_length"], cfg.too_long, cfg.prompt_format
     )
     if report.skipped_too_long:
         log.warning(
-            "%s: skipping %d of %d pairs longer than dpo.max_length %d",
-            data, len(report.skipped_too_long), report.rows, cfg.dpo.max_length,
+            "%s: skipping %d of %d pairs longer than trl.max_length %d",
+            data, len(report.skipped_too_long), report.rows, cfg.trl_args()["max_length"],
         )  # fmt: skip
     if cfg.finetune == "lora":
         check_lora_on_meta(model_path, cfg)
@@ -130,11 +130,11 @@ def train(
         fs.delete_file(path)
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address)
-    optim = cfg.optim
+    args = cfg.trl_args()
     log.info(
         "global batch: %d pairs per optimizer step (%d workers x %d per device x gradient accumulation %d)%s",
-        cfg.global_batch(), cfg.scaling.num_workers, optim.per_device_batch_size, optim.gradient_accumulation_steps,
-        "" if optim.global_batch_size else "; set optim.global_batch_size to keep it when num_workers changes",
+        cfg.global_batch(), cfg.scaling.num_workers, args["per_device_train_batch_size"], args["gradient_accumulation_steps"],
+        "" if cfg.global_batch_size else "; set global_batch_size to keep it when num_workers changes",
     )
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}

@@ -110,7 +110,7 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head
     started = time.monotonic()
     result = submit(
         ray_head_with_dashboard, "jobs/train_dpo.py", "--config", "configs/train_tiny.yaml",
-        "--data", run, "--output", str(dpo), "--set", "optim.max_steps=2", "--set", "run.checkpoint_every=2",
+        "--data", run, "--output", str(dpo), "--set", "trl.max_steps=2", "--set", "run.checkpoint_every=2",
         env_vars=s3_env, timeout=600,
     )  # fmt: skip
     train_seconds = time.monotonic() - started

@@ -49,7 +49,7 @@ def pairs_run(tmp_path_factory):
 
 
 def _config(*overrides: str):
-    return load_train_config(REPO / "configs" / "train_tiny.yaml", [f"optim.max_steps={STEPS}", *overrides])
+    return load_train_config(REPO / "configs" / "train_tiny.yaml", [f"trl.max_steps={STEPS}", *overrides])
 
 
 def _adapter(folder) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_workers(local_ray, pairs_run, tmp_path_factory):
     output = tmp_path_factory.mktemp("dpo-2w")
-    result = train(_config("scaling.num_workers=2", "optim.per_device_batch_size=1"), pairs_run, str(output))
+    result = train(_config("scaling.num_workers=2", "trl.per_device_train_batch_size=1"), pairs_run, str(output))
     return output, result
 
 
@@ -121,7 +121,7 @@ def test_merged_model_generates_in_vllm(two_workers):
 def test_one_worker_matches_two_workers_on_the_same_global_batch(two_workers, pairs_run, tmp_path):
     output, _ = two_workers
     single = tmp_path / "dpo-1w"
-    train(_config("scaling.num_workers=1", "optim.per_device_batch_size=2", "merge=false"), pairs_run, str(single))
+    train(_config("scaling.num_workers=1", "trl.per_device_train_batch_size=2", "merge=false"), pairs_run, str(single))
     one, two = _adapter(single), _adapter(output)
     assert set(one) == set(two)
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -135,8 +135,8 @@ def test_one_worker_matches_two_workers_on_the_same_global_batch(two_workers, pa
 def test_killed_worker_resumes_from_checkpoint_and_finishes(local_ray, pairs_run, tmp_path):
     steps = 8
     cfg = _config(
-        f"optim.max_steps={steps}",
-        "optim.epochs=2",
+        f"trl.max_steps={steps}",
+        "trl.num_train_epochs=2",
         "merge=false",
         "run.checkpoint_every=2",
         "run.max_failures=1",

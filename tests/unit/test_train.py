@@ -19,6 +19,7 @@ from synthalign_ray.train.dpo import (
     WORKER_RESULT_FILE,
     LoraTargetError,
     deepspeed_config,
+    dpo_args,
     is_vision_module,
     write_outputs,
 )
@@ -35,9 +36,10 @@ PAPER = REPO / "configs" / "train_paper.yaml"
 
 def test_defaults_are_the_papers_recipe():
     cfg = TrainConfig(model="zoo:lvlm-llava")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.dpo.beta, cfg.dpo.loss_type) == (128, 256, 0.1, "sigmoid")
-    assert (cfg.optim.epochs, cfg.optim.learning_rate, cfg.optim.gradient_accumulation_steps) == (2, 1e-5, 4)
-    assert (cfg.deepspeed.zero_stage, cfg.finetune, cfg.report_to) == (2, "lora", [])
+    args = dpo_args(cfg, "unused")  # the trl.DPOConfig a worker builds
+    assert (cfg.lora.r, cfg.lora.alpha, args.beta, args.loss_type) == (128, 256, 0.1, ["sigmoid"])
+    assert (args.num_train_epochs, args.learning_rate, args.gradient_accumulation_steps) == (2, 1e-5, 4)
+    assert (cfg.deepspeed.zero_stage, cfg.finetune, args.report_to, args.bf16) == (2, "lora", [], False)
 
 
 def test_shipped_configs_validate():
@@ -46,7 +48,7 @@ def test_shipped_configs_validate():
     paper = TrainConfig.model_validate(
         {**__import__("yaml").safe_load(PAPER.read_text()), "model": "zoo:lvlm-llava"}  # no hub here
     )
-    assert (paper.lora.r, paper.lora.alpha, paper.optim.gradient_accumulation_steps) == (128, 256, 4)
+    assert (paper.lora.r, paper.lora.alpha, paper.trl_args()["gradient_accumulation_steps"]) == (128, 256, 4)
     assert paper.scaling.use_gpu and paper.scaling.num_workers == 2 and paper.use_bf16()
     assert paper.prompt_format == "llava_v1" and tiny.prompt_format == "chat_template"
 
@@ -67,17 +69,20 @@ def test_global_batch_size_keeps_the_papers_recipe_on_other_worker_counts():
     def paper(*overrides):
         return load_train_config(PAPER, ["model=zoo:lvlm-llava", *overrides])  # no hub here
 
-    assert paper().optim.gradient_accumulation_steps == 4 and paper().global_batch() == 8
+    def accumulation(cfg):
+        return cfg.trl_args()["gradient_accumulation_steps"]
+
+    assert accumulation(paper()) == 4 and paper().global_batch() == 8
     eight = paper("scaling.num_workers=8")
-    assert (eight.optim.gradient_accumulation_steps, eight.global_batch()) == (1, 8)
-    assert paper("scaling.num_workers=4", "optim.per_device_batch_size=2").optim.gradient_accumulation_steps == 1
-    with pytest.raises(ConfigError, match=r"optim.global_batch_size: 8 is not a multiple of scaling.num_workers \(3\)"):
+    assert (accumulation(eight), eight.global_batch()) == (1, 8)
+    assert accumulation(paper("scaling.num_workers=4", "trl.per_device_train_batch_size=2")) == 1
+    with pytest.raises(ConfigError, match=r"global_batch_size: 8 is not a multiple of scaling.num_workers \(3\)"):
         paper("scaling.num_workers=3")
-    with pytest.raises(ConfigError, match=r"optim.gradient_accumulation_steps: 4 contradicts optim.global_batch_size 8 on 8"):
-        paper("scaling.num_workers=8", "optim.gradient_accumulation_steps=4")
+    with pytest.raises(ConfigError, match=r"trl.gradient_accumulation_steps: 4 contradicts global_batch_size 8 on 8"):
+        paper("scaling.num_workers=8", "trl.gradient_accumulation_steps=4")
     tiny = load_train_config(TINY)  # no global_batch_size: the accumulation is as written
-    assert tiny.global_batch() == tiny.scaling.num_workers * tiny.optim.per_device_batch_size * tiny.optim.gradient_accumulation_steps
-    assert TrainConfig.model_validate(eight.model_dump()).optim.gradient_accumulation_steps == 1  # as the workers see it
+    assert tiny.global_batch() == tiny.scaling.num_workers * tiny.trl["per_device_train_batch_size"] * accumulation(tiny)
+    assert accumulation(TrainConfig.model_validate(eight.model_dump())) == 1  # as the workers see it
 
 
 @pytest.mark.parametrize(
@@ -85,8 +90,14 @@ def test_global_batch_size_keeps_the_papers_recipe_on_other_worker_counts():
     [
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal to 3"),
         ("lora.rank=8", "lora.rank: unknown key"),
-        ("dpo.too_long=drop", "dpo.too_long: Input should be 'skip', 'fail' or 'truncate'"),
-        ("optim.bf16=true", "optim.bf16: bf16 training needs scaling.use_gpu: true"),
+        ("too_long=drop", "too_long: Input should be 'skip', 'fail' or 'truncate'"),
+        ("trl.bf16=true", "trl.bf16: bf16 training needs scaling.use_gpu: true"),
+        ("trl.learning_rte=0.1", "trl.learning_rte: not a field of trl.DPOConfig"),
+        ("trl.lr_scheduler_type=sideways", "trl: trl.DPOConfig refuses it: sideways is not a valid SchedulerType"),
+        ("trl.output_dir=/tmp/x", "trl.output_dir: set by synthalign from the training OUTPUT (--output)"),
+        ("trl.save_steps=3", "trl.save_steps: set by synthalign from run.checkpoint_every"),
+        ("optim.max_steps=2", "trl: section of trl.DPOConfig's own fields: optim.max_steps is now trl.max_steps"),
+        ("dpo.beta=0.2", "dpo.beta is now trl.beta"),
         ("model=/no/such/model", "model: Value error, model path '/no/such/model' does not exist"),
         ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal to 1"),
     ],
@@ -99,8 +110,9 @@ def test_config_errors_name_the_file_and_field(override, message):
 
 
 def test_overrides_apply():
-    cfg = load_train_config(TINY, ["dpo.beta=0.5", "run.env={A: b}", "finetune=full"])
-    assert (cfg.dpo.beta, cfg.run.env, cfg.finetune) == (0.5, {"A": "b"}, "full")
+    cfg = load_train_config(TINY, ["trl.beta=0.5", "run.env={A: b}", "finetune=full"])
+    assert (dpo_args(cfg, "unused").beta, cfg.run.env, cfg.finetune) == (0.5, {"A": "b"}, "full")
+    assert dpo_args(cfg, "unused").learning_rate == 1e-3  # the rest of the config's trl: section stays
 
 
 def test_deepspeed_config_follows_the_stage():
@@ -181,9 +193,9 @@ def test_too_long_pairs_are_skipped_and_counted_or_refused(tmp_path, processor):
     lengths = train_data.check_pairs(run, processor, "m", max_length=4096, too_long="skip").max_tokens
     report = train_data.check_pairs(run, processor, "m", max_length=lengths - 1, too_long="skip")
     assert 1 <= len(report.skipped_too_long) < 4 and report.trained_rows == 4 - len(report.skipped_too_long)
-    with pytest.raises(train_data.DataError, match=rf"part-0.parquet row \d+ \(id 'p\d'\): {lengths} tokens > dpo.max_length"):
+    with pytest.raises(train_data.DataError, match=rf"part-0.parquet row \d+ \(id 'p\d'\): {lengths} tokens > trl.max_length"):
         train_data.check_pairs(run, processor, "m", max_length=lengths - 1, too_long="fail")
-    with pytest.raises(train_data.DataError, match="all 4 pairs are longer than dpo.max_length 8"):
+    with pytest.raises(train_data.DataError, match="all 4 pairs are longer than trl.max_length 8"):
         train_data.check_pairs(run, processor, "m", max_length=8, too_long="skip")
     assert train_data.check_pairs(run, processor, "m", max_length=8, too_long="truncate").trained_rows == 4
 
@@ -248,7 +260,7 @@ def test_an_output_with_another_config_is_refused(tmp_path):
     _claim_output(cfg, "runs/a", str(tmp_path), overwrite=False)
     _claim_output(cfg, "runs/a", str(tmp_path), overwrite=False)  # the same run again: a resume
     with pytest.raises(TrainRunError, match="another config or data"):
-        _claim_output(load_train_config(TINY, ["dpo.beta=0.2"]), "runs/a", str(tmp_path), overwrite=False)
+        _claim_output(load_train_config(TINY, ["trl.beta=0.2"]), "runs/a", str(tmp_path), overwrite=False)
     with pytest.raises(TrainRunError):
         _claim_output(cfg, "runs/b", str(tmp_path), overwrite=False)
     _claim_output(cfg, "runs/b", str(tmp_path), overwrite=True)
