@@ -26,14 +26,11 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from synthalign_ray import store
+from synthalign_ray.ray_private import RELAY_PREFIX
 from synthalign_ray.progress import stage_labels
 
 LOGS_FOLDER = "logs"
 
-# The prefix Ray's driver puts before a relayed line (ray._private.worker.print_worker_logs), colored or not:
-# `(drive_wave pid=12)`, `(MapWorker(MapBatches(ImageGenerator)) pid=12, ip=10.0.0.2)`, `(pid=12)`,
-# `(raylet)`, `(autoscaler +1s)`.
-RELAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:(?P<source>.*?) )?(?:pid=[^)]*|raylet|autoscaler \+[^)]*)\)(?:\x1b\[[0-9;]*m)? ")
 # The task that drives a wave's Ray Data execution (runtime.drive_wave), whose lines hold the progress.
 WAVE_TASK = "drive_wave"
 # A line of Ray Data's logging progress naming an operator and its rows: `MapBatches(ImageScorer): 3/6`.

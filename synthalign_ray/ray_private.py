@@ -12,6 +12,8 @@ The private uses:
 4. `vllm_engine_udf` / `multi_sample_vllm_engine_udf`: subclasses of Ray's vLLM stage UDF
    (`ray.llm._internal`) that override `_generate_with_error_handling` and `udf`.
 5. `object_store_bytes_used`: the object store's bytes in use, for the pipeline benchmark (`ray._private`).
+6. `RELAY_PREFIX`: the prefix Ray's driver prints before each line it relays from a worker
+   (`ray._private.worker.print_worker_logs`), which the console sorts its output by.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 WRITTEN_AGAINST_RAY = "2.60.0"
+
+# The prefix of a relayed worker line, colored or not, with the task or actor name as `source`:
+# `(drive_wave pid=12)`, `(MapWorker(MapBatches(ImageGenerator)) pid=12, ip=10.0.0.2)`, `(pid=12)`,
+# `(raylet)`, `(autoscaler +1s)`.
+RELAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:(?P<source>.*?) )?(?:pid=[^)]*|raylet|autoscaler \+[^)]*)\)(?:\x1b\[[0-9;]*m)? ")
 
 # Row keys that make up one vLLM engine request: those Ray's `vLLMEngineWrapper._prepare_llm_request`
 # pops from a row.

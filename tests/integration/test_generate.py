@@ -16,7 +16,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from synthalign_ray.console import RELAY_PREFIX
+from synthalign_ray.ray_private import RELAY_PREFIX
 from synthalign_ray.store.lease import LEASE_FILE
 from tests.conftest import REPO
 

@@ -20,6 +20,30 @@ def test_written_against_the_installed_ray():
     assert ray.__version__ == ray_private.WRITTEN_AGAINST_RAY, "Ray changed: run this file, mend ray_private.py"
 
 
+@pytest.mark.parametrize(
+    "source, fields",
+    [
+        ("drive_wave", {"task_name": "drive_wave"}),
+        ("MapWorker(MapBatches(MultiSampleEngineUDF[llava-1.5]))", {"actor_name": "MapWorker(MapBatches(MultiSampleEngineUDF[llava-1.5]))", "ip": "10.0.0.2"}),
+        (None, {}),
+        (None, {"pid": "raylet"}),
+    ],
+)
+@pytest.mark.parametrize("color", ["1", "0"])
+def test_relay_prefix_matches_what_rays_driver_prints_before_a_worker_line(monkeypatch, source, fields, color):
+    from io import StringIO
+
+    from ray._private.worker import print_worker_logs
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", color)
+    printed = StringIO()
+    print_worker_logs({"pid": 4242, "ip": "10.0.0.1", "localhost": "10.0.0.1", "lines": ["a line (with pid=3)"], **fields}, printed)
+    match = ray_private.RELAY_PREFIX.match(printed.getvalue())
+    assert match and match["source"] == source, printed.getvalue()
+    assert printed.getvalue()[match.end() :] == "a line (with pid=3)\n"
+    assert not ray_private.RELAY_PREFIX.match("a line of this tool (pid=3)")
+
+
 def test_submitted_job_env_vars_reads_the_job_config_ray_job_submit_sets(monkeypatch):
     # The variable the job supervisor sets in a submitted driver's environment.
     monkeypatch.setenv(
