@@ -28,11 +28,12 @@ from typing import TextIO
 from synthalign_ray import store
 from synthalign_ray.ray_private import RELAY_PREFIX
 from synthalign_ray.progress import stage_labels
+from synthalign_ray.runtime import drive_wave
 
 LOGS_FOLDER = "logs"
 
-# The task that drives a wave's Ray Data execution (runtime.drive_wave), whose lines hold the progress.
-WAVE_TASK = "drive_wave"
+# The task that drives a wave's Ray Data execution, whose lines hold the progress.
+WAVE_TASK = drive_wave.__name__
 # A line of Ray Data's logging progress naming an operator and its rows: `MapBatches(ImageScorer): 3/6`.
 OPERATOR_PROGRESS = re.compile(r"^(?P<operator>\S.*?): (?P<done>\d+)/(?P<total>\S+)\s*$")
 REPORT_START = "======= Running Dataset"
@@ -181,18 +182,18 @@ def run_console(output: str, command: str, stages: list[tuple[str, tuple[str, ..
         yield None
         return
     name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    uri = store.join(output, LOGS_FOLDER, name)
     local = "://" not in output
-    uri = os.path.join(os.path.abspath(os.path.expanduser(output)), LOGS_FOLDER, name) if local else store.join(output, LOGS_FOLDER, name)
+    log_path = store.filesystem(uri)[1] if local else os.path.join(tempfile.gettempdir(), name)
     if local:
         try:
-            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
         except OSError:  # not a folder: the command says what is wrong with it; the log goes beside
-            local, uri = False, None
-    log_path = uri if local else os.path.join(tempfile.gettempdir(), name)
+            uri, log_path = None, os.path.join(tempfile.gettempdir(), name)
     try:
         with RunConsole(log_path, stages):
             try:
-                yield uri if local else log_path
+                yield log_path if local or uri is None else uri  # an object store's copy is made at the end
             finally:
                 import ray
 
@@ -203,5 +204,5 @@ def run_console(output: str, command: str, stages: list[tuple[str, tuple[str, ..
                 with open(log_path, "rb") as log:
                     store.write_bytes(uri, log.read())
                 os.remove(log_path)
-            except OSError:
-                pass  # the output's store is unreachable: the log stays at log_path
+            except OSError as error:
+                print(f"log: could not be copied to {uri} ({error}); it is at {log_path}", file=sys.stderr)

@@ -99,3 +99,21 @@ def test_store_operations_of_a_run_on_each_uri_form(form, s3_endpoint, tmp_path,
 
     names = [info.path for info in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
     assert not [name for name in names if ".tmp-" in name]
+
+
+def test_a_run_log_on_object_storage_is_named_by_its_uri_and_copied_there(s3_endpoint, tmp_path):
+    import tempfile
+
+    from synthalign_ray.console import run_console
+
+    output = output_uris(tmp_path, s3_endpoint)["s3 query"]
+    with run_console(output, "generate", None, verbose=False) as log:
+        print("a line of the run")
+    # The name the command prints is the log's place in the bucket, where it is once the run ends.
+    base, _, query = output.partition("?")
+    assert log.startswith(f"{base}/logs/generate-") and log.endswith(f".log?{query}")
+    fs, path = store.filesystem(log)
+    with fs.open_input_stream(path) as copied:
+        assert b"a line of the run" in copied.read()
+    name = path.rsplit("/", 1)[1]
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), name))  # the local copy is gone
