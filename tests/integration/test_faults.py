@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import ray_env, stop_head
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def generate():
     def start(address: str, out: Path, *sets: str, shared: bool = True) -> subprocess.Popen:
         command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--output", str(out)]
         # The nodes of this cluster are processes of one machine: a local output is truly shared by them.
-        for item in (f"resources.ray_address={address}", f"resources.shared_filesystem={str(shared).lower()}", *sets):
+        for item in (f"resources.ray_address={address}", f"resources.shared_filesystem={str(shared).lower()}", ONE_ANSWERER, *sets):
             command += ["--set", item]
         with open(out.parent / f"{out.name}.log", "w") as log:
             processes.append(subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True))

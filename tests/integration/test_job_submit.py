@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthalign_ray import store
-from tests.conftest import REPO
+from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import RAY, local_ray_head, ray_env
 from tests.integration.test_object_storage import BUCKET, S3_CREDENTIALS, s3_endpoint  # noqa: F401 (fixture)
 
@@ -70,7 +70,7 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head
     run, dpo = f"s3://{BUCKET}/tiny", tmp_path / "dpo"
     s3_env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # this process reads the bucket too
-    generate = ["jobs/generate.py", "--config", "configs/tiny.yaml", "--output", run]
+    generate = ["jobs/generate.py", "--config", "configs/tiny.yaml", "--set", ONE_ANSWERER, "--output", run]
 
     started = time.monotonic()
     result = submit(ray_head_with_dashboard, *generate, env_vars=s3_env, timeout=900)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import local_ray_head, ray_env
 
 pytestmark = pytest.mark.slow
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
-GENERATE = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml"]
+GENERATE = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml", "--set", ONE_ANSWERER]
 # On the tiny config every stage is done in a second once the vLLM engines are up, so all shards would
 # land at once and a kill "after the first shard" could come too late. The pairs stage holds the block
 # of weather-0001 back for a minute in that run, so the kill surely lands between shards.

@@ -15,7 +15,7 @@ from synthalign_ray import pipeline, zoo
 from synthalign_ray.config import load_config
 from synthalign_ray.stages.prompts import PromptsConfig, read_prompts
 from synthalign_ray.stages.topic_prompts import TopicPromptsConfig, write_topic_prompts
-from tests.conftest import REPO
+from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import free_port
 from tests.vllm_server import vllm_server
 
@@ -95,6 +95,7 @@ def test_generate_with_instructions_from_an_endpoint_and_an_image_aware_judge(tm
         REPO / "configs/tiny.yaml",
         [
             "prompts.limit=4",
+            ONE_ANSWERER,  # the judge's engine beside one answerer's: two answers a row to judge
             "instructions.source=llm",
             f"instructions.llm={{backend: openai, base_url: '{endpoint}', model: tiny-chat, api_key_env: {KEY_ENV}, max_tokens: 16}}",
             "judge={model: {model: 'zoo:lvlm-llava', max_tokens: 24, pool: {batch_size: 2}}}",
