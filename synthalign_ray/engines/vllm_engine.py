@@ -51,6 +51,10 @@ from synthalign_ray.hf_image import decode_image
 # GiB of KV cache per CPU engine when neither the caller's runtime_env nor the driver's environment sets
 # VLLM_CPU_KVCACHE_SPACE: plenty for tiny models, and small enough that several engines share a node.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+# vLLM-cpu's default ("auto") binds an engine's compute threads to cores picked from its local rank alone,
+# so every engine of a node lands on the same cores: both tiny answerers on core 0 of 2, the other left
+# idle. "nobind" leaves placement to the OS (a tiny 2-engine run: 55 s -> 50 s, benchmarks/RESULTS.md).
+DEFAULT_CPU_THREADS_BIND = "nobind"
 # CPUs reserved by each light worker (pre/postprocess tasks, the chat-template actor). Ray Data's default
 # of one CPU each deadlocks a 2-CPU node: the engine and chat-template actors hold both CPUs for the
 # whole run and the postprocess tasks never start.
@@ -155,7 +159,7 @@ def build_engine_processor(
     engine = {**engine_defaults, **engine}
     env = dict((runtime_env or {}).get("env_vars", {}))
     if num_gpus == 0:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB))
+        env = {**cpu_engine_env(os.environ), **env}
     # build_processor calls ray.init with this runtime env, which under `ray job submit` refuses a
     # variable the job's runtime env sets too; the job's value reaches the engines anyway.
     env = {key: value for key, value in env.items() if key not in ray_private.submitted_job_env_vars()}
@@ -193,6 +197,13 @@ def build_engine_processor(
         for key in processor.list_stage_names():
             ray_private.set_processor_stage_udf(processor, key, labelled(processor.get_stage_by_name(key).fn, label))
     return processor
+
+
+def cpu_engine_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a CPU engine's actors: vLLM-cpu's KV cache size and thread binding, each the
+    driver's where `environ` sets it, else this project's default."""
+    defaults = {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_CPU_KVCACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": DEFAULT_CPU_THREADS_BIND}
+    return {key: environ.get(key, default) for key, default in defaults.items()}
 
 
 def labelled(udf: type, label: str) -> type:

