@@ -75,6 +75,11 @@ def check_model_ref(ref: str) -> str:
     return ref
 
 
+def is_hub_id(ref: str) -> bool:
+    """A reference that names a hub model: neither `zoo:NAME` nor a local path."""
+    return not ref.startswith(ZOO_PREFIX) and not ref.startswith(_PATH_PREFIXES) and bool(_HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     from huggingface_hub import scan_cache_dir
 

@@ -65,9 +65,31 @@ def config_validate(
         typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
     for b in check.bad:
         typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
+    unchecked = _check_hub(cfg)
     if show:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    typer.echo(f"{config}: ok ({check.rows} prompts, {len(check.bad)} skipped)")
+    if unchecked:
+        fields = ", ".join(c.field for c in unchecked)
+        typer.echo(f"{config}: valid, except that the hub could not be reached to check {fields} ({check.rows} prompts, {len(check.bad)} skipped)")
+    else:
+        typer.echo(f"{config}: ok ({check.rows} prompts, {len(check.bad)} skipped)")
+
+
+def _check_hub(cfg):
+    """Refuse a config that names a hub model which is not there or is gated without access; warn about
+    each one the hub could not be asked about (returned)."""
+    from synthalign_ray.config import ConfigError
+    from synthalign_ray.hub import check_hub_models
+    from synthalign_ray.pipeline import model_refs
+
+    checks = check_hub_models(model_refs(cfg))
+    wrong = [c.line() for c in checks if c.reached and c.problem]
+    if wrong:
+        raise ConfigError("; ".join(wrong))
+    unchecked = [c for c in checks if not c.reached]
+    for c in unchecked:
+        typer.echo(f"warning: {c.line()}", err=True)
+    return unchecked
 
 
 @zoo_app.command("build")
@@ -133,6 +155,7 @@ def generate(
     from synthalign_ray.stages import graph
 
     cfg = _load(config, overrides)
+    _check_hub(cfg)  # before anything starts: not when the first GPU actor loads the model
     stages = [(stage.name, stage.operators) for stage in graph.build(cfg)]
     with run_console(output, "generate", stages, verbose) as log:
         result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)

@@ -18,7 +18,7 @@ LAYERS = [
     # value (an HF image, a LLaVA conversation), ids, progress, pure selection; the zoo and the model code
     # behind the references.
     {"base", "errors", "ray_private", "hf_image", "ids", "progress", "selection", "formats.llava_conversation",
-     "lockfile", "_torchvision_compat", "zoo", "models"},
+     "lockfile", "_torchvision_compat", "zoo", "models", "hub"},
     # 1, data: the run folder's shards and manifest, its lease, and repairing it.
     {"store", "repair"},
     # 2, engines: vLLM behind Ray Data.
