@@ -65,7 +65,9 @@ def config_validate(
         typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
     for b in check.bad:
         typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
-    unchecked = _check_hub(cfg)
+    from synthalign_ray.pipeline import model_refs
+
+    unchecked = _check_hub(model_refs(cfg))
     if show:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
     if unchecked:
@@ -75,14 +77,13 @@ def config_validate(
         typer.echo(f"{config}: ok ({check.rows} prompts, {len(check.bad)} skipped)")
 
 
-def _check_hub(cfg):
-    """Refuse a config that names a hub model which is not there or is gated without access; warn about
-    each one the hub could not be asked about (returned)."""
+def _check_hub(refs: dict[str, str]):
+    """Refuse model references (field -> reference) naming a hub model that is not there or is gated
+    without access; warn about each one the hub could not be asked about (returned)."""
     from synthalign_ray.config import ConfigError
     from synthalign_ray.hub import check_hub_models
-    from synthalign_ray.pipeline import model_refs
 
-    checks = check_hub_models(model_refs(cfg))
+    checks = check_hub_models(refs)
     wrong = [c.line() for c in checks if c.reached and c.problem]
     if wrong:
         raise ConfigError("; ".join(wrong))
@@ -154,8 +155,10 @@ def generate(
     from synthalign_ray.pipeline import generate as run
     from synthalign_ray.stages import graph
 
+    from synthalign_ray.pipeline import model_refs
+
     cfg = _load(config, overrides)
-    _check_hub(cfg)  # before anything starts: not when the first GPU actor loads the model
+    _check_hub(model_refs(cfg))  # before anything starts: not when the first GPU actor loads the model
     stages = [(stage.name, stage.operators) for stage in graph.build(cfg)]
     with run_console(output, "generate", stages, verbose) as log:
         result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
@@ -253,6 +256,7 @@ def train(
     from synthalign_ray.train.trainer import train as run_training
 
     cfg = load_train_config(config, overrides or [])
+    _check_hub({"model": cfg.model})
     result = run_training(cfg, data, output, overwrite=overwrite)
     d = result.data
     loss = result.metrics.get("loss")
@@ -304,6 +308,7 @@ def evaluate(
     from synthalign_ray.evaluate.runner import load_eval_config, summary_line
 
     cfg = load_eval_config(config, overrides or [])
+    _check_hub({"--model": model, **({"--base": base} if base else {})})
     summary = run_evaluation(
         cfg, model=model, output=output, benchmarks=benchmarks.split(","), adapter=adapter, base=base, config_source=config
     )

@@ -105,3 +105,20 @@ def test_config_validate_refuses_a_missing_hub_model_and_never_says_ok_unchecked
     assert "warning: response_scores.model: hub model" in result.output
     assert "ok" not in result.output.splitlines()[-1].split()
     assert "the hub could not be reached to check response_scores.model" in result.output.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "command, field",
+    [
+        (["generate", "-c", "configs/tiny.yaml", "--set", f"images.model={MISSING}", "-o", "{tmp}/run"], "images.model"),
+        (["train", "-c", "configs/train_tiny.yaml", "--set", f"model={MISSING}", "-d", "{tmp}", "-o", "{tmp}/train"], "model"),
+        (["evaluate", "-c", "configs/eval_tiny.yaml", "-m", MISSING, "-o", "{tmp}/eval"], "--model"),
+    ],
+)
+def test_commands_that_load_models_refuse_a_missing_hub_model_before_starting(hub, monkeypatch, tmp_path, command, field):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub)
+    result = CliRunner().invoke(app, [arg.format(tmp=tmp_path) for arg in command])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"error: {field}: hub model '{MISSING}' does not exist on {hub}" in result.output
+    assert not (tmp_path / "run").exists()  # generate wrote nothing: not even the run folder
