@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# TRL's import sets VLLM_LOGGING_LEVEL=ERROR in the importing process unless it is set (trl/_compat.py):
+# once a test module imports TRL (at collection), every `synthalign generate` child of this process
+# would log otherwise than a user's. Set here, before any test module is imported.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 # configs/tiny.yaml with one LVLM answering twice (sampled) instead of two LVLMs once: a run with one
 # vLLM engine to start instead of two (38 s instead of 64 s on the 2-core machine), still a pair per row.
 # For the tests of killed runs, lost nodes and submitted jobs, which never look at who answered.
