@@ -68,16 +68,21 @@ def check_model_ref(ref: str) -> str:
         return ref
     if Path(ref).expanduser().exists():
         return ref
-    if ref.startswith(_PATH_PREFIXES) or not _HUB_ID.match(ref):
+    if not is_hub_id(ref):
         raise ValueError(f"model path {ref!r} does not exist")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _in_hub_cache(ref):
+    if hub_offline(os.environ) and not _in_hub_cache(ref):
         raise ValueError(f"hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
     return ref
 
 
 def is_hub_id(ref: str) -> bool:
-    """A reference that names a hub model: neither `zoo:NAME` nor a local path."""
-    return not ref.startswith(ZOO_PREFIX) and not ref.startswith(_PATH_PREFIXES) and bool(_HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+    """A reference that names a hub model (`org/name`): neither `zoo:NAME` nor a path."""
+    return not ref.startswith((ZOO_PREFIX, *_PATH_PREFIXES)) and bool(_HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+
+
+def hub_offline(environ) -> bool:
+    """HF_HUB_OFFLINE is set in `environ`: nothing may ask the hub."""
+    return environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def _in_hub_cache(repo_id: str) -> bool:

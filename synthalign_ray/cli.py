@@ -55,6 +55,7 @@ def config_validate(
     show: Annotated[bool, typer.Option(help="print the validated config with defaults")] = False,
 ):
     """Validate a config (fields, model references, prompt file) without starting anything."""
+    from synthalign_ray.pipeline import model_refs
     from synthalign_ray.stages.instructions import missing_instructions
     from synthalign_ray.stages.prompts import check_prompts, valid_ids
 
@@ -65,8 +66,6 @@ def config_validate(
         typer.echo(f"warning: {cfg.instructions.path} has no instruction for {len(missing)} prompt id(s), e.g. {missing[:5]}", err=True)
     for b in check.bad:
         typer.echo(f"warning: {cfg.prompts.path}: skipping {b}", err=True)
-    from synthalign_ray.pipeline import model_refs
-
     unchecked = _check_hub(model_refs(cfg))
     if show:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -153,9 +152,8 @@ def generate(
     """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
     from synthalign_ray.console import run_console
     from synthalign_ray.pipeline import generate as run
-    from synthalign_ray.stages import graph
-
     from synthalign_ray.pipeline import model_refs
+    from synthalign_ray.stages import graph
 
     cfg = _load(config, overrides)
     _check_hub(model_refs(cfg))  # before anything starts: not when the first GPU actor loads the model

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from synthalign_ray.base import is_hub_id
+from synthalign_ray.base import hub_offline, is_hub_id
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 10.0
@@ -34,7 +34,7 @@ def check_hub_models(refs: Mapping[str, str], *, environ: Mapping[str, str] = os
     folders are not the hub's. The endpoint and token are `environ`'s HF_ENDPOINT and HF_TOKEN (else the
     token `huggingface-cli login` saved)."""
     hub_refs = {field: ref for field, ref in refs.items() if is_hub_id(ref)}
-    if not hub_refs or environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if not hub_refs or hub_offline(environ):
         return []
     from huggingface_hub import HfApi, get_token
 
@@ -42,11 +42,10 @@ def check_hub_models(refs: Mapping[str, str], *, environ: Mapping[str, str] = os
     token = environ.get("HF_TOKEN") or get_token()
     api = HfApi(endpoint=endpoint)
     by_ref: dict[str, tuple[str | None, bool]] = {}
-    for ref in dict.fromkeys(hub_refs.values()):
-        if any(not reached for _, reached in by_ref.values()):  # unreachable once: not asked again
-            by_ref[ref] = (f"not checked: {endpoint} could not be reached", False)
-        else:
-            by_ref[ref] = _check(api, endpoint, ref, token)
+    reachable = True
+    for ref in dict.fromkeys(hub_refs.values()):  # each model once, however many fields name it
+        by_ref[ref] = _check(api, endpoint, ref, token) if reachable else (f"not checked: {endpoint} could not be reached", False)
+        reachable = by_ref[ref][1]  # unreachable once: not asked again
     return [HubCheck(field, ref, *by_ref[ref]) for field, ref in hub_refs.items()]
 
 
