@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 # configs/tiny.yaml with one LVLM answering twice (sampled) instead of two LVLMs once: a run with one
 # vLLM engine to start instead of two (38 s instead of 64 s on the 2-core machine), still a pair per row.
-# For the tests of killed runs, lost nodes and submitted jobs, which never look at who answered.
+# For the tests of killed runs, lost nodes, submitted jobs and the judge, which never look at who answered.
 ONE_ANSWERER = 'responses.models=[{name: llava-1.5, model: "zoo:lvlm-llava", max_tokens: 24, samples: 2, temperature: 0.7, pool: {batch_size: 2}}]'
 
 
