@@ -185,8 +185,13 @@ def _llama3_tokenizer():
     )
 
 
+# llava-hf's released LLaVA-1.5 and LLaVA-v1.6 checkpoints are float16 (config `torch_dtype`), so an engine
+# left at dtype "auto" (vLLM's default, and the paper configs') runs the twins in the precision it runs them.
+LLAVA_HF_DTYPE = "float16"
+
+
 def _save_with_hub_vision_keys(model, dest: Path) -> None:
-    """save_pretrained, then restore the hub's `vision_tower.vision_model.` weight prefix.
+    """save_pretrained in llava-hf's dtype, then restore the hub's `vision_tower.vision_model.` weight prefix.
 
     transformers 5.19 flattens CLIPVisionModel (no `vision_model` submodule) and saves a LLaVA tower as
     `vision_tower.X`. Released llava-hf checkpoints have `vision_tower.vision_model.X`, which is what
@@ -194,7 +199,9 @@ def _save_with_hub_vision_keys(model, dest: Path) -> None:
     """
     from safetensors.torch import load_file, save_file
 
-    model.save_pretrained(dest)
+    import torch
+
+    model.to(getattr(torch, LLAVA_HF_DTYPE)).save_pretrained(dest)
     path = dest / "model.safetensors"
     flat, hub = "vision_tower.", "vision_tower.vision_model."
     tensors = {

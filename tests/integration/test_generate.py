@@ -306,3 +306,7 @@ def test_paper_configuration_runs_on_the_twins(tmp_path):
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["images"]["dtype"], config["response_scores"]["dtype"]) == ("float16", "bfloat16")
     assert not config["response_scores"]["trust_remote_code"]
+    # The answerers' engines took the released LLaVA checkpoints' float16 (vLLM's dtype "auto"), as on GPUs; a
+    # float32 twin made them bfloat16. Ray folds identical log lines, so the set is checked, not the count.
+    logs = "".join(log.read_text() for log in (out / "logs").glob("*.log"))
+    assert set(re.findall(r"Initializing a V1 LLM engine .*? dtype=torch\.(\w+)", logs)) == {"float16"}

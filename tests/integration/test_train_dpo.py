@@ -94,7 +94,8 @@ def test_two_workers_zero2_lora(two_workers):
     base = _weights(zoo.model_dir("lvlm-llava"))
     merged = _weights(output / "merged")
     assert set(merged) == set(base)
-    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    # The twin is float16 as released; CPU training merges in float32, exactly representing the untouched weights.
+    changed = {k for k in base if not torch.equal(base[k].to(merged[k].dtype), merged[k])}
     assert changed and all("language_model" in k and "proj" in k for k in changed)
     assert not any("vision_tower" in k or "multi_modal_projector" in k for k in changed)
 

@@ -7,6 +7,7 @@ the right shapes, and a build is a pure function of its seed. vLLM loading is in
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -86,6 +87,9 @@ def test_lvlm_weights_use_the_llava_hf_layout(built, name):
     saved = _weights(built[name])
     prefixes = {key.split(".")[0] for key in saved}
     assert prefixes <= {"language_model", "vision_tower", "multi_modal_projector", "image_newline"}
+    # llava-hf's releases are float16, weights and config: an engine at dtype "auto" runs them so.
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float16}
+    assert json.loads((built[name] / "config.json").read_text())["dtype"] == "float16"
     vision = [key for key in saved if key.startswith("vision_tower.")]
     # transformers 5.19 would save `vision_tower.embeddings...`; vLLM only loads the hub's names.
     assert vision and all(key.startswith("vision_tower.vision_model.") for key in vision)
