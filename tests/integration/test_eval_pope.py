@@ -141,3 +141,28 @@ def test_pope_chair_mmhal_amber_base_vs_trained(tmp_path, random_adapter):
         assert all(row["response"] == amber_response(row["answer"]) for row in discriminative)
         assert report["discriminative"] == amber_discriminative([(r["type"], r["truth"], r["response"]) for r in discriminative])
         assert summary["results"][label]["amber"]["chair"] == report["generative"]["chair"]
+
+
+def test_the_paper_pope_config_runs_on_the_llava_twin(tmp_path):
+    """configs/eval_paper_tiny.yaml: eval_paper.yaml's POPE (three splits, LLaVA's prompt suffix in the vicuna_v1
+    conversation, greedy, the engine's dtype left to vLLM: the twin's float16, as released) on the fixture."""
+    import ray
+
+    benchmark = write_pope_fixture(tmp_path / "bench")
+    output = tmp_path / "eval"
+    try:
+        result = CliRunner().invoke(
+            app,
+            [
+                "evaluate", "--config", str(REPO / "configs" / "eval_paper_tiny.yaml"), "--model", "zoo:lvlm-llava",
+                "--benchmarks", "pope", "--output", str(output),
+                "--set", f"pope.question_dir={benchmark / 'questions'}", "--set", f"pope.image_dir={benchmark / 'images'}",
+            ],
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    report = json.loads((output / "model" / "pope.json").read_text())
+    predictions = pq.read_table(output / "model" / "pope_predictions.parquet").to_pylist()
+    assert sorted(report["splits"]) == sorted(SPLITS) and len(predictions) == 8 * len(SPLITS)
+    assert all(row["prediction"] == pope_prediction(row["answer"]) for row in predictions)

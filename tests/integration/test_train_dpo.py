@@ -152,3 +152,22 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(local_ray, pairs_run
     records = train_log.read_log(str(tmp_path / train_log.LOG_FILE))
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_paper_training_config_runs_on_the_llava_twin(local_ray, tmp_path):
+    """configs/train_paper_tiny.yaml: train_paper.yaml (LoRA r128 on the language model, the vicuna_v1
+    conversation, global batch 8 = 2 workers x 1 pair x accumulation 4, ZeRO-2, gradient checkpointing) on
+    the LLaVA-1.5 twin, for its two steps."""
+    cfg = load_train_config(REPO / "configs" / "train_paper_tiny.yaml")
+    pairs = write_pairs(str(tmp_path / "pairs-run"), 2 * cfg.global_batch())
+    output = tmp_path / "dpo-paper"
+    result = train(cfg, pairs, str(output))
+    assert (cfg.global_batch(), cfg.trl_args()["gradient_accumulation_steps"]) == (8, 4)
+    assert result.data.trained_rows == 16 and result.worker["global_step"] == 2
+    records = train_log.read_log(str(output / train_log.LOG_FILE))
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(records[1]["loss"])
+    adapter = _adapter(output)
+    ranks = {v.shape[0] for k, v in adapter.items() if "lora_A" in k}
+    assert ranks == {128} and all("language_model" in k for k in adapter)
+    assert (output / "merged" / "config.json").is_file()
