@@ -98,7 +98,8 @@ def test_generate_with_instructions_from_an_endpoint_and_an_image_aware_judge(tm
             ONE_ANSWERER,  # the judge's engine beside one answerer's: two answers a row to judge
             "instructions.source=llm",
             f"instructions.llm={{backend: openai, base_url: '{endpoint}', model: tiny-chat, api_key_env: {KEY_ENV}, max_tokens: 16}}",
-            "judge={model: {model: 'zoo:lvlm-llava', max_tokens: 24, pool: {batch_size: 2}}}",
+            # the judge in bfloat16, as served on GPUs: a judge batch that failed would fail its rows (refused below)
+            "judge={model: {model: 'zoo:lvlm-llava', max_tokens: 24, pool: {batch_size: 2}, engine_kwargs: {dtype: bfloat16}}}",
             "pairs.rank_by=mix",
         ],
     )
