@@ -36,7 +36,6 @@ from synthalign_ray.ids import digests
 from synthalign_ray.store.lease import output_lease
 from synthalign_ray.runtime import (
     check_chat_environment,
-    check_output_reachable,
     configure_data_context,
     init_ray,
     release_freed_memory,
@@ -192,7 +191,9 @@ def run_leased(
     store.write_json(store.join(output, store.MANIFEST), {**manifest, "complete": False})
     prepare_zoo_models(cfg)
     init_ray(cfg.resources, cfg.chat_models().values())
-    check_output_reachable(output, cfg.resources)
+    store.check_seen_by_every_node(
+        output, cfg.resources.shared_filesystem, label="--output", shared_field="resources.shared_filesystem", written="shards"
+    )
 
     waves = store.BlockFileDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
     this_run, executions = store.empty_counts(), []

@@ -52,25 +52,6 @@ def init_ray(resources: ResourcesConfig, chat_models: Iterable[ChatModelConfig] 
     )
 
 
-def check_output_reachable(output: str, resources: ResourcesConfig) -> None:
-    """Refuse a local output on a cluster of several nodes unless resources.shared_filesystem says every
-    node sees it: a shard written on a worker node would stay on that node's disk (the driver would count
-    its rows lost and write them again). A cluster that has one node now and autoscales later is not
-    caught here."""
-    import ray
-    from pyarrow import fs as pafs
-
-    if resources.shared_filesystem or not isinstance(store.filesystem(output)[0], pafs.LocalFileSystem):
-        return
-    nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    if nodes > 1:
-        raise ConfigError(
-            f"--output {output}: a local path on a Ray cluster of {nodes} nodes, whose shards would stay on the "
-            "disk of the node that wrote them. Use an s3:// or gs:// output, or set resources.shared_filesystem: "
-            "true if every node mounts this path"
-        )
-
-
 def configure_data_context(context, resources: ResourcesConfig) -> None:
     """Ray Data's settings for a run: how many lost blocks it may skip, its object store budget."""
     # A block whose actor task failed past its retries is skipped (and counted) instead of failing the

@@ -33,6 +33,7 @@ from ray.data.datasource import Datasource, ReadTask
 from synthalign_ray.hf_image import IMAGE_TYPE, decode_image, encode_image  # noqa: F401 (store.* for the readers)
 from synthalign_ray.ids import IdCollector, IdSet, contains, digests, locate
 from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
+from synthalign_ray.errors import UserError
 
 FOLDERS = {STATUS_OK: "pairs", STATUS_DROPPED: "dropped", STATUS_FAILED: "failed"}
 # Outcomes a resume keeps; failed rows are tried again.
@@ -61,6 +62,27 @@ def join(base: str, *parts: str) -> str:
     """`base/part/...`; a URI's query (s3://bucket/run?endpoint_override=...) stays at the end."""
     base, separator, query = base.partition("?") if "://" in base else (base, "", "")
     return "/".join([base.rstrip("/"), *parts]) + separator + query
+
+
+class UnsharedOutputError(UserError):
+    """A local path that the nodes of a multi-node cluster would each see on their own disk."""
+
+
+def check_seen_by_every_node(location: str, shared: bool, *, label: str, shared_field: str, written: str) -> None:
+    """Refuse a local LOCATION on a Ray cluster of several nodes unless `shared` (the config's SHARED_FIELD)
+    says every node mounts it: what a worker writes there (WRITTEN) would stay on that node's disk, where the
+    driver cannot read it. A cluster of one node now that autoscales later is not caught here."""
+    import ray
+
+    if shared or not isinstance(filesystem(location)[0], pafs.LocalFileSystem):
+        return
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes > 1:
+        raise UnsharedOutputError(
+            f"{label} {location}: a local path on a Ray cluster of {nodes} nodes, whose {written} would stay on the "
+            f"disk of the node that wrote them. Use an s3:// or gs:// path, or set {shared_field}: true if every "
+            "node mounts this path"
+        )
 
 
 def package_versions() -> dict[str, str]:

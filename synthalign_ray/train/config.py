@@ -60,6 +60,12 @@ class RunSettings(WorkerEnvironment):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     checkpoints_to_keep: int | None = Field(2, ge=1, description="None: keep all")
     ray_address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray")
+    shared_filesystem: bool = Field(
+        False,
+        description="a local --output (and storage_path) is mounted by every node of the cluster (NFS, EFS, "
+        "Filestore). Workers write checkpoints and rank 0 the adapter there, so on a cluster of more than one node "
+        "a local path is refused unless this says it is shared; s3:// and gs:// paths need nothing",
+    )
 
     def worker_env(self) -> dict[str, str]:
         """Every training worker's environment: env, plus secret_env's values from the driver's environment

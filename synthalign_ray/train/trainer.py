@@ -5,6 +5,8 @@
 1. Before any worker starts: the config is validated (by its loader), the base model's processor is
    loaded and every pair is checked with it (`data.check_pairs`), and the LoRA targets are matched
    against the model's module names on the meta device (no weights loaded, so this is instant for 7B).
+   On a Ray cluster of several nodes, a local OUTPUT or `run.storage_path` is refused unless
+   `run.shared_filesystem` says every node mounts it.
 2. A TorchTrainer runs `dpo.train_worker` on `scaling.num_workers` workers. Its RunConfig gives the run
    a name and a storage path (default OUTPUT/ray) where checkpoints go, and a FailureConfig: a worker
    that dies restarts the group from the latest checkpoint. Rerunning the same command finds the same
@@ -123,13 +125,19 @@ def train(
     started = time.monotonic()
     worker_env = cfg.run.worker_env()  # a missing secret fails here, before anything is written
     model_path, report = prepare(cfg, data)
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address)
+    for label, location in (("--output", _output_uri(output)), ("run.storage_path", cfg.run.storage_path)):
+        if location is not None:
+            store.check_seen_by_every_node(
+                location, cfg.run.shared_filesystem, label=label, shared_field="run.shared_filesystem",
+                written="checkpoints and adapter",
+            )  # fmt: skip
     _claim_output(cfg, data, output, overwrite)
     worker_result = store.join(_output_uri(output), WORKER_RESULT_FILE)
     fs, path = store.filesystem(worker_result)
     if fs.get_file_info(path).type == pafs.FileType.File:  # a previous run's: never read it as this one's
         fs.delete_file(path)
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address)
     args = cfg.trl_args()
     log.info(
         "global batch: %d pairs per optimizer step (%d workers x %d per device x gradient accumulation %d)%s",

@@ -7,7 +7,7 @@
   replica and resubmits the batch; after `crash_retries` reruns the stage records the batch's rows failed
   instead of running it again, and the rest of the run completes.
 - A local output path on a cluster of several nodes is refused unless resources.shared_filesystem says
-  every node mounts it.
+  every node mounts it, and so is a local training output unless run.shared_filesystem says so.
 
 A custom resource `diffusion_node` stands in for a GPU type, so the image stage runs on the worker node
 the test removes. The driver is `synthalign generate` in a subprocess joining the cluster, as under
@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from synthalign_ray.train.fixture import write_pairs
 from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import ray_env, stop_head
 
@@ -150,12 +151,18 @@ def test_replica_killed_on_every_try_fails_its_block_and_the_run_completes(clust
 
 
 def test_a_local_output_on_several_nodes_is_refused_unless_declared_shared(cluster, generate, tmp_path):
+    """generate's shards and train's checkpoints and adapter would each stay on the node that wrote them."""
     cluster, common = cluster
     extra = cluster.add_node(num_cpus=1, **common)
+    data = write_pairs(str(tmp_path / "pairs-run"), 2)
+    train_out = tmp_path / "dpo"
     try:
         out = tmp_path / "local"
         process = generate(cluster.address, out, shared=False)
         code = process.wait(timeout=300)
+        command = [sys.executable, "-m", "synthalign_ray.cli", "train", "--config", "configs/train_tiny.yaml",
+                   "--data", data, "--output", str(train_out), "--set", f"run.ray_address={cluster.address}"]  # fmt: skip
+        trained = subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300)
     finally:
         cluster.remove_node(extra)
     log = (out.parent / f"{out.name}.log").read_text()
@@ -163,3 +170,8 @@ def test_a_local_output_on_several_nodes_is_refused_unless_declared_shared(clust
     assert f"error: --output {out}: a local path on a Ray cluster of" in log and "resources.shared_filesystem" in log
     assert "Traceback" not in log
     assert not [shard for folder in ("pairs", "dropped", "failed") for shard in (out / folder).glob("*.parquet")]
+
+    assert trained.returncode == 2, trained.stderr[-6000:]
+    assert f"error: --output {train_out}: a local path on a Ray cluster of" in trained.stderr
+    assert "run.shared_filesystem" in trained.stderr and "Traceback" not in trained.stderr
+    assert not train_out.exists()  # refused before the run claimed the output
