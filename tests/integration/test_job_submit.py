@@ -1,8 +1,9 @@
 """`ray job submit` of the tiny generate job, its resume, and the tiny DPO training on its pairs, to a Ray
-head the test starts on 127.0.0.1, as a user submits to a cluster: `--working-dir .` uploads the repo,
-the job joins the cluster through the RAY_ADDRESS Ray gives it. The output goes to s3:// on a local
-S3-compatible server (moto's), as a cluster's would go to a bucket; one generate run serves the job,
-the object-storage and the resume checks.
+head the test starts on 127.0.0.1 with Ray's token auth on, joined by a worker node, as a user submits to a
+cluster: the client has RAY_AUTH_MODE=token and the token (without the mode it sends none and is refused),
+`--working-dir .` uploads the repo, the job joins the cluster through the RAY_ADDRESS Ray gives it. The
+output goes to s3:// on a local S3-compatible server (moto's), as a cluster's would go to a bucket; one
+generate run serves the job, the object-storage and the resume checks.
 
 The head is the test's own and is stopped without touching anyone else's Ray (tests/ray_head.py).
 """
@@ -18,7 +19,7 @@ import pytest
 
 from synthalign_ray import store
 from tests.conftest import ONE_ANSWERER, REPO
-from tests.ray_head import RAY, local_ray_head, ray_env
+from tests.ray_head import RAY, RayHead, local_ray_head
 from tests.integration.test_object_storage import BUCKET, S3_CREDENTIALS, s3_endpoint  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,13 @@ PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/
 
 @pytest.fixture(scope="module")
 def ray_head_with_dashboard():
-    """A head with the dashboard (the job server) on free loopback ports; yields the dashboard URL."""
-    with local_ray_head(dashboard=True) as head:
-        yield head.dashboard
+    """A head with the dashboard (the job server) on free loopback ports and Ray's token auth on: a token
+    file and RAY_AUTH_MODE=token, as cluster/*.yaml start their nodes (they mount the laptop's token)."""
+    with local_ray_head(dashboard=True, token_auth=True) as head:
+        yield head
 
 
-def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> subprocess.CompletedProcess:
+def submit(head: RayHead, *entrypoint: str, env_vars: dict, timeout: float) -> subprocess.CompletedProcess:
     runtime_env = {
         # The repo goes up as the job's working dir; the local venv and outputs do not.
         "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"],
@@ -47,14 +49,15 @@ def submit(address: str, *entrypoint: str, env_vars: dict, timeout: float) -> su
     # The entry point runs through the head's shell: name the venv's python (on a cluster node the
     # launcher puts it first on the PATH, so `python` is the same interpreter).
     command = [
-        RAY, "job", "submit", "--address", address, "--working-dir", ".",
+        RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
         "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, *entrypoint,
     ]  # fmt: skip
     # A fresh head's job server answers before its dashboard agent has registered, and then refuses jobs
     # with "No available agent to submit job, please try again later": as it says, try again.
     deadline = time.monotonic() + 300  # a loaded machine (CI runners) registers the agent late
     while True:
-        result = subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        # The documented submit: RAY_AUTH_MODE=token, the token from its file (head.env).
+        result = subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in result.stdout + result.stderr or time.monotonic() > deadline:
             return result
         time.sleep(3)
@@ -66,17 +69,29 @@ def ids_in(output: str, folder: str) -> list[str]:
     return [i for shard in shards for i in pq.read_table(shard, columns=["id"], filesystem=fs).column("id").to_pylist()]
 
 
-def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head_with_dashboard, s3_endpoint, tmp_path, monkeypatch):
+def test_generate_resume_and_train_jobs_on_s3_submitted_to_two_nodes_with_auth(ray_head_with_dashboard, s3_endpoint, tmp_path, monkeypatch):
     run, dpo = f"s3://{BUCKET}/tiny", tmp_path / "dpo"
     s3_env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # this process reads the bucket too
     generate = ["jobs/generate.py", "--config", "configs/tiny.yaml", "--set", ONE_ANSWERER, "--output", run]
+    head = ray_head_with_dashboard
+    without_mode = {key: value for key, value in head.env.items() if key != "RAY_AUTH_MODE"}
+    # A worker node joins the way cluster/*.yaml start theirs, with RAY_AUTH_MODE=token, and only so: the jobs
+    # then run on a cluster of two nodes with auth on.
+    refused_node = head.add_node(2, without_mode)
+    assert refused_node.returncode != 0 and "InvalidAuthToken" in refused_node.stdout + refused_node.stderr
+    joined = head.add_node(2)
+    assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
 
     started = time.monotonic()
-    result = submit(ray_head_with_dashboard, *generate, env_vars=s3_env, timeout=900)
+    result = submit(head, *generate, env_vars=s3_env, timeout=900)
     generate_seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
+    # Token auth is on: the same client without RAY_AUTH_MODE=token sends no token, and is refused.
+    refused = subprocess.run([RAY, "job", "list", "--address", head.dashboard], env=without_mode, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0, refused.stdout[-3000:]
+    assert "Token authentication is enabled but no authentication token was found" in refused.stdout + refused.stderr
 
     manifest = store.read_json(store.join(run, store.MANIFEST))
     counts = manifest["counts"]
@@ -97,7 +112,7 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head
     # The same job again: a resume with nothing left to do but the failed rows, which it retries.
     shards_before = {folder: store.list_shards(store.join(run, folder)) for folder in ("pairs", "dropped")}
     started = time.monotonic()
-    result = submit(ray_head_with_dashboard, *generate, env_vars=s3_env, timeout=600)
+    result = submit(head, *generate, env_vars=s3_env, timeout=600)
     resume_seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     resumed = store.read_json(store.join(run, store.MANIFEST))
@@ -109,8 +124,10 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_a_local_head(ray_head
     # DPO on those pairs, read from the bucket: two Ray Train workers on the same head, two steps.
     started = time.monotonic()
     result = submit(
-        ray_head_with_dashboard, "jobs/train_dpo.py", "--config", "configs/train_tiny.yaml",
+        head, "jobs/train_dpo.py", "--config", "configs/train_tiny.yaml",
         "--data", run, "--output", str(dpo), "--set", "trl.max_steps=2", "--set", "run.checkpoint_every=2",
+        # Two nodes: a local output is refused unless declared shared, as it truly is between processes of one machine.
+        "--set", "run.shared_filesystem=true",
         env_vars=s3_env, timeout=600,
     )  # fmt: skip
     train_seconds = time.monotonic() - started

@@ -108,6 +108,17 @@ def test_launcher_installs_the_repo_with_scripts_install_sh(name):
     assert all("--head" in cmd or cmd == "ray stop" for cmd in config["head_start_ray_commands"])
 
 
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_nodes_start_ray_with_token_auth_from_the_mounted_token(name):
+    """`ray start --head` turns token auth on where ~/.ray/auth_token exists, but `ray start --address` (a
+    worker node) does not: without RAY_AUTH_MODE=token a worker node cannot join an authenticated head."""
+    config = launcher(name)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [cmd for key in ("head_start_ray_commands", "worker_start_ray_commands") for cmd in config[key] if "ray start" in cmd]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in cmd for cmd in starts)
+    assert "export RAY_AUTH_MODE=token" in (CLUSTER / name).read_text()  # the submit the header shows
+
+
 # KubeRay manifests
 
 
