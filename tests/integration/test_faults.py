@@ -1,8 +1,9 @@
 """Faults on a multi-node Ray cluster (`ray.cluster_utils.Cluster` on this machine), as spot GPUs meet them.
 
-- A node is lost mid-generation (its processes SIGKILLed, as a preempted spot VM) and the autoscaler's
-  replacement joins: the run goes on (Ray restarts the lost actor, retries its tasks, rebuilds lost
-  objects) and the output still holds every prompt exactly once.
+- A node is preempted mid-generation (Ray's drain notice with reason preemption, then its processes
+  SIGKILLed at the deadline, as a spot VM goes) and the autoscaler's replacement joins: the run goes on
+  (Ray restarts the lost actor, retries its tasks, rebuilds lost objects) and the output still holds
+  every prompt exactly once.
 - A row kills its replica every time (SYNTHALIGN_INJECT_CRASHES, as an OOM kill would): Ray restarts the
   replica and resubmits the batch; after `crash_retries` reruns the stage records the batch's rows failed
   instead of running it again, and the rest of the run completes.
@@ -26,7 +27,7 @@ import pytest
 
 from synthalign_ray.train.fixture import write_pairs
 from tests.conftest import ONE_ANSWERER, REPO
-from tests.ray_head import ray_env, stop_head
+from tests.ray_head import RAY, ray_env, stop_head
 
 pytestmark = pytest.mark.slow
 PROMPT_IDS = sorted(json.loads(line)["id"] for line in (REPO / "configs/prompts/tiny.jsonl").read_text().splitlines())
@@ -35,6 +36,7 @@ STUCK_ROW = "art-0001"  # on the node to be lost, the image stage hangs on its b
 CRASH_ROW = "transport-0001"  # its block kills the image scorer every time
 IMAGES_ON_DIFFUSION_NODE = "images.pool={min_actors: 1, max_actors: 1, num_cpus: 1, resources: {diffusion_node: 1}}"
 CRASH_RETRIES = 2
+DRAIN_DEADLINE_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,15 @@ def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, generate, tmp_p
         assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before the stuck block"
         time.sleep(0.5)
     committed_before = {row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)}
-    cluster.remove_node(doomed, allow_graceful=False)  # preempted: SIGKILL, no drain
+    # Preempted as a spot VM is: the notice first (Ray's drain with reason preemption and a deadline, as
+    # autoscaler v2 relays a cloud's notice), then SIGKILL at the deadline, the stuck block still in flight.
+    notice = [RAY, "drain-node", "--address", cluster.address, "--node-id", doomed.node_id,
+              "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
+              "--deadline-remaining-seconds", str(DRAIN_DEADLINE_S)]  # fmt: skip
+    drained = subprocess.run(notice, env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    time.sleep(DRAIN_DEADLINE_S)
+    cluster.remove_node(doomed, allow_graceful=False)
     cluster.add_node(num_cpus=1, resources={"diffusion_node": 1}, **common)  # the autoscaler's replacement
 
     manifest, _ = finish(process, out)
