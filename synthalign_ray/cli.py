@@ -397,18 +397,22 @@ ProfileOption = Annotated[str, typer.Option("--profile", help="per-stage through
 @app.command()
 def plan(
     config: ConfigOption,
-    gpus: Annotated[float, typer.Option("--gpus", help="GPUs of the cluster to split across the GPU stages")],
     profile: ProfileOption,
     output: Annotated[str, typer.Option("--output", "-o", help="where to write the config with the planned pools")],
+    gpus: Annotated[float | None, typer.Option("--gpus", help="GPUs to split across the GPU stages (with --cluster: all it holds)")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="a `ray up` launcher YAML: plan within its GPU node types' limits")] = None,
     overrides: SetOption = None,
 ):
     """Split N GPUs across the config's GPU stages so the slowest stage is as fast as it can be."""
-    from synthalign_ray.capacity.plan import load_profile, make_plan, unused_profile_stages, write_planned_config
+    from synthalign_ray.capacity.plan import launcher_nodes, load_profile, make_plan, unused_profile_stages, write_planned_config
 
     cfg = _load(config, overrides)
     prof = load_profile(profile)
-    result = make_plan(cfg, prof, gpus)
+    nodes = launcher_nodes(cluster) if cluster is not None else None
+    result = make_plan(cfg, prof, gpus, nodes)
     write_planned_config(config, cfg, prof, profile, result, output, overrides)
+    if nodes is not None:
+        typer.echo(nodes.describe())
     typer.echo(f"profile: {prof.gpu}, {prof.source.kind}")
     typer.echo(result.table())
     unused = unused_profile_stages(cfg, prof)

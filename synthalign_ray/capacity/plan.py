@@ -210,6 +210,90 @@ def equal_split(stages: list[StageRate], gpus: float) -> dict[str, int]:
     return replicas
 
 
+# --- what a cluster file can hold -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterNodes:
+    """The GPU worker nodes of the largest cluster a Ray launcher YAML lets the autoscaler start: each
+    node type up to its max_workers, the file's max_workers in all, the types with most GPUs first."""
+
+    source: str
+    nodes: list[tuple[str, float]]  # (node type, its GPUs), largest first
+
+    @property
+    def gpus(self) -> float:
+        return sum(gpus for _, gpus in self.nodes)
+
+    def describe(self) -> str:
+        counts: dict[tuple[str, float], int] = {}
+        for node in self.nodes:
+            counts[node] = counts.get(node, 0) + 1
+        kinds = ", ".join(f"{n} x {name} ({gpus:g} GPU{'s' if gpus != 1 else ''})" for (name, gpus), n in counts.items())
+        return f"{self.source} holds at most {self.gpus:g} GPUs on {len(self.nodes)} GPU nodes: {kinds}"
+
+
+def launcher_nodes(path: str | Path) -> ClusterNodes:
+    """The GPU nodes a `ray up` launcher YAML allows at most (its available_node_types' resources.GPU)."""
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PlanError(f"--cluster {path}: {e}") from None
+    types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not isinstance(types, dict):
+        raise PlanError(f"--cluster {path}: no available_node_types; a Ray cluster launcher YAML is expected")
+    limit = int(config.get("max_workers", sum(int(t.get("max_workers", 0)) for t in types.values())))
+    gpu_types = sorted(
+        (
+            (float((spec.get("resources") or {}).get("GPU", 0)), name, int(spec.get("max_workers", limit)))
+            for name, spec in types.items()
+            if name != config.get("head_node_type")
+        ),
+        reverse=True,
+    )
+    nodes: list[tuple[str, float]] = []
+    for gpus, name, count in gpu_types:
+        if gpus > 0:
+            nodes += [(name, gpus)] * max(0, min(count, limit - len(nodes)))
+    if not nodes:
+        raise PlanError(f"--cluster {path}: no worker node type with resources.GPU and max_workers above 0")
+    return ClusterNodes(str(path), nodes)
+
+
+def unplaced_stage(stages: list[StageRate], replicas: dict[str, int], nodes: list[float]) -> str | None:
+    """The stage of the first replica that finds no node with room when the replicas, largest first, go
+    each to the first node with room (a replica's GPUs are on one node); None when all are placed."""
+    free = sorted(nodes, reverse=True)
+    for stage in sorted(stages, key=lambda s: -s.gpus):
+        for _ in range(replicas[stage.name]):
+            node = next((i for i, room in enumerate(free) if room >= stage.gpus - 1e-9), None)
+            if node is None:
+                return stage.name
+            free[node] -= stage.gpus
+    return None
+
+
+def split_for_cluster(stages: list[StageRate], cluster: ClusterNodes, gpus: float | None) -> tuple[float, dict[str, int]]:
+    """The best split of `gpus` (default: all the cluster can hold) whose replicas fit the cluster's nodes:
+    where whole replicas leave GPUs of a node unusable, one GPU fewer is planned until they fit."""
+    largest = max(g for _, g in cluster.nodes)
+    for stage in stages:
+        if stage.gpus > largest + 1e-9:
+            raise PlanError(
+                f"stage {stage.name!r} takes {stage.gpus:g} GPUs per replica, more than the largest node of "
+                f"{cluster.source} has ({largest:g})"
+            )
+    budget = cluster.gpus if gpus is None else gpus
+    if budget > cluster.gpus + 1e-9:
+        raise PlanError(f"--gpus {gpus:g}: {cluster.describe()}. Plan for at most that, or raise its max_workers")
+    node_gpus = [g for _, g in cluster.nodes]
+    while True:
+        replicas = best_split(stages, budget)  # fails, naming a stage, once one replica of each is too many
+        if unplaced_stage(stages, replicas, node_gpus) is None:
+            return budget, replicas
+        budget = math.ceil(budget) - 1
+
+
 # --- a config's GPU stages ------------------------------------------------------------------------
 
 
@@ -305,9 +389,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(cfg, profile: Profile, gpus: float) -> Plan:
+def make_plan(cfg, profile: Profile, gpus: float | None, cluster: ClusterNodes | None = None) -> Plan:
+    """The plan for `gpus`, or for the cluster's nodes when a cluster is given (all it holds by default)."""
     stages = stage_rates(cfg, profile)
-    replicas = best_split(stages, gpus)
+    if cluster is not None:
+        gpus, replicas = split_for_cluster(stages, cluster, gpus)
+    elif gpus is None:
+        raise PlanError("give --gpus, --cluster, or both")
+    else:
+        replicas = best_split(stages, gpus)
     try:
         equal = equal_split(stages, gpus)
     except PlanError:

@@ -26,6 +26,8 @@ MISSING_PATH_CASES = {
     "judge, run": ["judge", MISSING, "-c", "configs/judge_tiny.yaml"],
     "judge, config": ["judge", "{tmp}", "-c", f"{MISSING}.yaml"],
     "plan": ["plan", "-c", "configs/tiny.yaml", "--gpus", "2", "--profile", f"{MISSING}.yaml", "-o", "{tmp}/p.yaml"],
+    "plan, cluster": ["plan", "-c", "configs/paper.yaml", "--cluster", f"{MISSING}.yaml", "--profile",
+                      "configs/profiles/paper_a100.yaml", "-o", "{tmp}/p.yaml"],
     "simulate": ["simulate", "-c", "configs/tiny.yaml", "--gpus", "2", "--profile", f"{MISSING}.yaml", "-o", "{tmp}/sim"],
     "calibrate": ["calibrate", "-c", f"{MISSING}.yaml", "-o", "{tmp}/profile.yaml"],
     "prompts": ["prompts", "-c", f"{MISSING}.yaml", "-o", "{tmp}/prompts.jsonl"],
@@ -69,10 +71,11 @@ def test_every_cli_error_class_is_a_user_error():
     from synthalign_ray.capacity.plan import PlanError
     from synthalign_ray.report.build import ReportError
     from synthalign_ray.stages.prompts import InputFileError
+    from synthalign_ray.store import UnsharedOutputError
     from synthalign_ray.train.data import DataError
     from synthalign_ray.train.dpo import LoraTargetError
     from synthalign_ray.train.trainer import TrainRunError
 
     for error in (ConfigError, BenchmarkFileError, OutputLeasedError, LlavaFormatError, LockError, PlanError,
-                  ReportError, InputFileError, DataError, LoraTargetError, TrainRunError):
+                  ReportError, InputFileError, UnsharedOutputError, DataError, LoraTargetError, TrainRunError):
         assert issubclass(error, UserError), error

@@ -9,16 +9,20 @@ import yaml
 
 from synthalign_ray.config import load_config
 from synthalign_ray.capacity.plan import (
+    ClusterNodes,
     PlanError,
     StageRate,
     best_split,
     equal_split,
     gpu_pools,
+    launcher_nodes,
     load_profile,
     make_plan,
     replicas_for_split,
     split_bound,
+    split_for_cluster,
     split_gpus,
+    unplaced_stage,
     write_planned_config,
 )
 from tests.conftest import REPO
@@ -116,6 +120,46 @@ def test_paper_profile_plan_beats_equal_split():
         assert plan.replicas == replicas_for_split(cfg, profile, gpus, "plan")
         assert plan.equal == replicas_for_split(cfg, profile, gpus, "equal")
     assert "<- bottleneck" in make_plan(cfg, profile, 64).table()
+
+
+def test_a_launcher_file_holds_its_node_types_up_to_its_max_workers(tmp_path):
+    aws, gcp = launcher_nodes(REPO / "cluster" / "aws.yaml"), launcher_nodes(REPO / "cluster" / "gcp.yaml")
+    # 24 workers at most in all; each type up to its own max_workers, the larger nodes first.
+    assert (aws.gpus, len(aws.nodes), aws.nodes[0], aws.nodes[-1]) == (32, 20, ("gpu_4x", 4), ("gpu_1x", 1))
+    assert (gcp.gpus, len(gcp.nodes), gcp.nodes[0]) == (24, 20, ("gpu_2x", 2))
+    assert aws.describe().endswith("32 GPUs on 20 GPU nodes: 4 x gpu_4x (4 GPUs), 16 x gpu_1x (1 GPU)")
+    types = {
+        "head": {"resources": {"CPU": 8, "GPU": 8}, "node_config": {}},  # the head is no worker
+        "cpu": {"resources": {"CPU": 16}, "max_workers": 9, "node_config": {}},
+        "small": {"resources": {"GPU": 1}, "max_workers": 5, "node_config": {}},
+        "big": {"resources": {"GPU": 4}, "max_workers": 2, "node_config": {}},
+    }
+    capped = write(tmp_path, {"max_workers": 3, "head_node_type": "head", "available_node_types": types}, "cluster.yaml")
+    assert launcher_nodes(capped).nodes == [("big", 4.0), ("big", 4.0), ("small", 1.0)]  # 3 workers in all
+    with pytest.raises(PlanError, match="no available_node_types"):
+        launcher_nodes(write(tmp_path, {"max_workers": 3}, "not-a-cluster.yaml"))
+
+
+def test_a_plan_on_a_cluster_file_stays_within_what_it_holds():
+    cfg, profile = load_config(PAPER), load_profile(PAPER_PROFILE)
+    aws = launcher_nodes(REPO / "cluster" / "aws.yaml")
+    with pytest.raises(PlanError, match=r"--gpus 64: .*cluster/aws.yaml holds at most 32 GPUs"):
+        make_plan(cfg, profile, 64, aws)
+    plan = make_plan(cfg, profile, None, aws)  # all it holds
+    assert plan.gpus == 32 and plan.used_gpus <= 32 and plan.replicas == make_plan(cfg, profile, 32).replicas
+    with pytest.raises(PlanError, match="give --gpus, --cluster, or both"):
+        make_plan(cfg, profile, None)
+
+
+def test_replicas_are_placed_on_whole_nodes():
+    stages = [StageRate("a", 2, 10.0), StageRate("b", 3, 1.0)]
+    nodes = ClusterNodes("two 4-GPU nodes", [("n", 4.0), ("n", 4.0)])
+    # 8 GPUs would be one "a" and two "b": 3 + 3 + 2 on two nodes of 4 leaves "a" no room.
+    assert best_split(stages, 8) == {"a": 1, "b": 2}
+    assert unplaced_stage(stages, {"a": 1, "b": 2}, [4.0, 4.0]) == "a"
+    assert split_for_cluster(stages, nodes, None) == (7, {"a": 1, "b": 1})
+    with pytest.raises(PlanError, match="stage 'b' takes 3 GPUs per replica, more than the largest node of c"):
+        split_for_cluster(stages, ClusterNodes("c", [("n", 2.0)] * 4), None)
 
 
 def write(tmp_path, data, name="profile.yaml"):
