@@ -119,6 +119,21 @@ def test_launcher_nodes_start_ray_with_token_auth_from_the_mounted_token(name):
     assert "export RAY_AUTH_MODE=token" in (CLUSTER / name).read_text()  # the submit the header shows
 
 
+def test_gpu_workers_get_the_credentials_ray_gives_only_the_head():
+    """Ray's launcher gives its instance profile (AWS) or service account (GCP) to the head alone; GPU
+    workers write shards, checkpoints and adapters to the bucket too."""
+    aws, gcp = launcher("aws.yaml"), launcher("gcp.yaml")
+    for name, spec in aws["available_node_types"].items():
+        if spec["resources"].get("GPU"):
+            assert spec["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}, name
+    project = gcp["provider"]["project_id"]
+    for name, spec in gcp["available_node_types"].items():
+        if spec["resources"].get("GPU"):
+            (account,) = spec["node_config"]["serviceAccounts"]
+            assert account["email"] == f"ray-autoscaler-sa-v1@{project}.iam.gserviceaccount.com", name
+            assert account["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"], name
+
+
 # KubeRay manifests
 
 
