@@ -15,6 +15,10 @@ restarted worker group (a worker died) or a rerun of the same command (same run 
 gets the latest one from `ray.train.get_checkpoint()` and resumes the HF Trainer from it: optimizer,
 scheduler, data position and log history included.
 
+Spot notices: when Ray Train reports that a node of the run is being drained for preemption, every
+worker saves a checkpoint at the end of that step (`preemption_checkpoint_callback`), within the
+notice's deadline as long as a step and a checkpoint fit in it.
+
 Chaos testing: `SYNTHALIGN_INJECT_FAULTS=train:rank1-step5` (in `run.env`) SIGKILLs worker rank 1 right
 after optimizer step 5, in an attempt that started from scratch (a resumed attempt runs on), so the
 restart-from-checkpoint path runs for real.
@@ -43,8 +47,9 @@ VISION_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "mm_pro
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 FULL_MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"
-WORKER_RESULT_FILE = "train_worker_result.json"  # rank 0's last attempt: final step, where it resumed  # the HF checkpoint inside a Ray checkpoint folder
+CHECKPOINT_DIR = "checkpoint"  # the HF checkpoint inside a Ray checkpoint folder
+WORKER_RESULT_FILE = "train_worker_result.json"  # rank 0's last attempt: final step, where it resumed
+ATTEMPTS_FILE = "train_attempts.json"  # each attempt's first and last step, kept across restarts
 
 
 class LoraTargetError(UserError, ValueError):
@@ -181,6 +186,32 @@ def report_checkpoint_callback():
     return ReportCheckpointToRay()
 
 
+def preemption_checkpoint_callback(rank: int):
+    """A TrainerCallback that saves a checkpoint at the end of the step in which Ray Train reports a spot
+    notice for a node of this run (`ray.train.get_preemption_info`: a node drained for preemption, with
+    its deadline), so the restart resumes from there instead of from the last periodic checkpoint.
+    Training goes on after it, as Ray advises. Every rank asks at every step end: the call is a barrier,
+    and its answer is the same on every rank, so every rank saves at the same step."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class CheckpointOnPreemptionNotice(TrainerCallback):
+        def __init__(self):
+            self.handled = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            notice = ray.train.get_preemption_info()
+            if notice is not None and notice != self.handled:
+                self.handled = notice
+                control.should_save = True  # the checkpoint callback hands it to Ray Train
+                log.warning(
+                    "rank %d: preemption notice for node(s) %s (ranks %s, deadline %s ms): checkpoint at step %d",
+                    rank, notice.preempted_node_ids, notice.preempted_ranks, notice.deadline_ms, state.global_step,
+                )  # fmt: skip
+
+    return CheckpointOnPreemptionNotice()
+
+
 def step_clock_callback():
     """Wall-clock time at the end of each optimizer step of this attempt (time to first step, speed)."""
     from transformers import TrainerCallback
@@ -193,6 +224,39 @@ def step_clock_callback():
             self.step_end_unix[state.global_step] = time.time()
 
     return StepClock()
+
+
+def steps_redone(attempts: list[dict[str, int]]) -> int:
+    """Optimizer steps that a restart ran again: what each attempt reached beyond the checkpoint the next
+    one resumed from."""
+    return sum(max(0, before["to_step"] - after["from_step"]) for before, after in zip(attempts, attempts[1:]))
+
+
+def attempts_callback(output: str):
+    """A TrainerCallback for rank 0: this attempt's first step (where it resumed) and its last finished
+    one, appended to the earlier attempts in OUTPUT's ATTEMPTS_FILE and written after every step, so a
+    killed attempt leaves its last step behind for the next one to count what it redoes."""
+    from pyarrow import fs as pafs
+    from transformers import TrainerCallback
+
+    from synthalign_ray import store
+
+    uri = store.join(output, ATTEMPTS_FILE)
+    fs, path = store.filesystem(uri)
+    earlier = store.read_json(uri)["attempts"] if fs.get_file_info(path).type == pafs.FileType.File else []
+
+    class Attempts(TrainerCallback):
+        def __init__(self):
+            self.attempts = list(earlier)
+
+        def on_train_begin(self, args, state, control, **kwargs):  # after a checkpoint's state is loaded
+            self.attempts.append({"from_step": state.global_step, "to_step": state.global_step})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.attempts[-1]["to_step"] = state.global_step
+            store.write_json(uri, {"attempts": self.attempts})
+
+    return Attempts()
 
 
 def kill_at_step_callback(rank: int):
@@ -245,7 +309,7 @@ def train_worker(job: dict[str, Any]) -> None:
     local = tempfile.mkdtemp(prefix=f"synthalign-dpo-rank{rank}-")
     checkpoint = ray.train.get_checkpoint()
     clock = step_clock_callback()
-    callbacks = [report_checkpoint_callback(), clock]
+    callbacks = [report_checkpoint_callback(), clock, preemption_checkpoint_callback(rank)]
     if checkpoint is None and (fault := kill_at_step_callback(rank)) is not None:
         callbacks.append(fault)
     try:
@@ -258,6 +322,9 @@ def train_worker(job: dict[str, Any]) -> None:
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        attempts = attempts_callback(job["output"]) if rank == 0 else None
+        if attempts is not None:
+            trainer.add_callback(attempts)
         resumed_from_step = None
         if checkpoint is None:
             trainer.train()
@@ -276,6 +343,8 @@ def train_worker(job: dict[str, Any]) -> None:
         worker_result = {
             "global_step": trainer.state.global_step,
             "resumed_from_step": resumed_from_step,
+            "attempts": attempts.attempts,
+            "steps_redone": steps_redone(attempts.attempts),
             "worker_started_unix": started,
             "step_end_unix": clock.step_end_unix,
         }

@@ -13,7 +13,9 @@
    run in storage and resumes it (Train V2: `ray.train.get_checkpoint()` in the workers); a changed
    config on an existing output is refused unless `overwrite`.
 3. OUTPUT gets `adapter/` (or `model/` for full fine-tuning), `merged/`, `train_log.jsonl`, `loss.png`
-   from rank 0, and `train_summary.json` (config, data counts, versions, final metrics, timings).
+   from rank 0, and `train_summary.json` (config, data counts, versions, final metrics, timings, and
+   each attempt's first and last step with the steps a restart ran again: `train_attempts.json`, which
+   rank 0 rewrites after every step).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from synthalign_ray.base import model_source
 from synthalign_ray.errors import UserError
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
-from synthalign_ray.train.dpo import WORKER_RESULT_FILE, lora_targets, train_worker
+from synthalign_ray.train.dpo import ATTEMPTS_FILE, WORKER_RESULT_FILE, lora_targets, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ def _claim_output(cfg: TrainConfig, data: str, output: str, overwrite: bool) -> 
         run_fs, run_path = store.filesystem(run_folder)
         if run_fs.get_file_info(run_path).type == pafs.FileType.Directory:
             run_fs.delete_dir(run_path)
+        attempts_fs, attempts_path = store.filesystem(store.join(_output_uri(output), ATTEMPTS_FILE))
+        if attempts_fs.get_file_info(attempts_path).type == pafs.FileType.File:
+            attempts_fs.delete_file(attempts_path)  # the discarded run's attempts
     store.write_json(uri, wanted)
 
 
@@ -174,6 +179,11 @@ def train(
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
     worker = store.read_json(worker_result)
+    if worker["steps_redone"]:
+        log.warning(
+            "%d optimizer steps were run again after restarts (attempts from/to step: %s)",
+            worker["steps_redone"], ", ".join(f"{a['from_step']}-{a['to_step']}" for a in worker["attempts"]),
+        )  # fmt: skip
     store.write_json(
         store.join(_output_uri(output), SUMMARY_FILE),
         {

@@ -9,6 +9,8 @@
   instead of running it again, and the rest of the run completes.
 - A local output path on a cluster of several nodes is refused unless resources.shared_filesystem says
   every node mounts it, and so is a local training output unless run.shared_filesystem says so.
+- A training worker's node gets a preemption notice: the worker checkpoints at once, the node goes, and
+  the run resumes from that checkpoint on the replacement, counting the steps it ran again.
 
 A custom resource `diffusion_node` stands in for a GPU type, so the image stage runs on the worker node
 the test removes. The driver is `synthalign generate` in a subprocess joining the cluster, as under
@@ -25,6 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from synthalign_ray.train.dpo import ATTEMPTS_FILE
 from synthalign_ray.train.fixture import write_pairs
 from tests.conftest import ONE_ANSWERER, REPO
 from tests.ray_head import RAY, ray_env, stop_head
@@ -44,6 +47,9 @@ def cluster(monkeypatch_module):
     from ray.cluster_utils import Cluster
 
     monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")  # a test cluster of this machine (tests/ray_head.py)
+    # Ray Train's preemption watcher asks the GCS for drains every 5 s by default; the tiny training's steps
+    # are much shorter.
+    monkeypatch_module.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
     # Short path under /tmp: Ray's unix sockets live in it; every process of the cluster names it.
     temp_dir = tempfile.mkdtemp(prefix="sa-ray-", dir="/tmp")
     # On the machine's own IP: a driver given 127.0.0.1 connects to that IP instead, where a head bound to
@@ -185,3 +191,56 @@ def test_a_local_output_on_several_nodes_is_refused_unless_declared_shared(clust
     assert f"error: --output {train_out}: a local path on a Ray cluster of" in trained.stderr
     assert "run.shared_filesystem" in trained.stderr and "Traceback" not in trained.stderr
     assert not train_out.exists()  # refused before the run claimed the output
+
+
+def test_training_checkpoints_on_a_preemption_notice_and_resumes_there(cluster, tmp_path):
+    """The one training worker's node gets a spot notice mid-run: the worker saves a checkpoint at the end
+    of that step (no periodic one is due), the node goes, and on the replacement the run resumes from it."""
+    cluster, common = cluster
+    doomed = cluster.add_node(num_cpus=1, resources={"train_slot": 1}, **common)
+    data, out, steps = write_pairs(str(tmp_path / "pairs-run"), 8), tmp_path / "dpo", 100
+    command = [sys.executable, "-m", "synthalign_ray.cli", "train", "--config", "configs/train_tiny.yaml", "--data", data,
+               "--output", str(out), "--set", f"run.ray_address={cluster.address}", "--set", "run.shared_filesystem=true",
+               "--set", "scaling.num_workers=1", "--set", "scaling.resources_per_worker={train_slot: 1}",
+               "--set", "trl.per_device_train_batch_size=2", "--set", f"trl.max_steps={steps}",
+               "--set", "run.checkpoint_every=1000", "--set", "merge=false"]  # fmt: skip
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def reached(step: int) -> bool:
+        attempts = out / ATTEMPTS_FILE
+        assert process.poll() is None, log_path.read_text()[-6000:]
+        return attempts.is_file() and json.loads(attempts.read_text())["attempts"][-1]["to_step"] >= step
+
+    try:
+        wait_for(lambda: reached(3), "step 3")
+        notice = [RAY, "drain-node", "--address", cluster.address, "--node-id", doomed.node_id,
+                  "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
+                  "--deadline-remaining-seconds", "60"]  # fmt: skip
+        drained = subprocess.run(notice, env=ray_env(), capture_output=True, text=True, timeout=120)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        # Ray Train's controller registers a reported checkpoint in its snapshot a moment later; a node gone
+        # before that takes the checkpoint with it (a real notice's deadline leaves the time).
+        snapshot = out / "ray" / "dpo-tiny" / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: reached(0) and snapshot.is_file(), "the notice's checkpoint, registered")
+        checkpoint_step = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
+        cluster.remove_node(doomed, allow_graceful=False)  # before the deadline, as a spot VM may go
+        cluster.add_node(num_cpus=1, resources={"train_slot": 1}, **common)  # the autoscaler's replacement
+        code = process.wait(timeout=600)
+    finally:
+        process.kill()
+    log = log_path.read_text()
+    assert code == 0, log[-6000:]
+    assert "preemption notice for node(s)" in log
+    worker = json.loads((out / "train_summary.json").read_text())["worker"]
+    first, last = worker["attempts"]
+    assert 3 <= checkpoint_step == worker["resumed_from_step"] == last["from_step"] <= first["to_step"] < steps == last["to_step"]
+    assert worker["steps_redone"] == first["to_step"] - last["from_step"]
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

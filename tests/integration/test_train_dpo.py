@@ -149,6 +149,11 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(local_ray, pairs_run
     # Step 4's checkpoint, or step 2's when step 4's was not yet registered at the kill (measured race).
     assert resumed in (2, 4)
     assert result.worker["global_step"] == steps
+    # The summary counts the steps the restart ran again: those the killed attempt reached past step `resumed`
+    # (step 5 as a rule; 4 if rank 0 went down before its step-5 record).
+    first, last = result.worker["attempts"]
+    assert first["from_step"] == 0 and first["to_step"] in (4, 5) and last == {"from_step": resumed, "to_step": steps}
+    assert result.worker["steps_redone"] == first["to_step"] - resumed > 0
     records = train_log.read_log(str(tmp_path / train_log.LOG_FILE))
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -21,6 +21,7 @@ from synthalign_ray.train.dpo import (
     deepspeed_config,
     dpo_args,
     is_vision_module,
+    steps_redone,
     write_outputs,
 )
 from synthalign_ray.train.trainer import TrainRunError, _claim_output, check_lora_on_meta
@@ -297,3 +298,11 @@ def test_rank0_writes_its_outputs_under_a_uri_with_a_query(tmp_path, finetune, m
     assert train_log.read_log(str(out / train_log.LOG_FILE)) == records
     assert (out / model_dir / "config.json").read_text() == "{}"
     assert store.read_json(str(out / WORKER_RESULT_FILE)) == {"global_step": 2}
+
+
+def test_steps_redone_are_what_an_attempt_reached_past_the_checkpoint_the_next_resumed_from():
+    assert steps_redone([]) == steps_redone([{"from_step": 0, "to_step": 8}]) == 0
+    # Killed after step 5, resumed from step 4's checkpoint; killed after 9, resumed from 9's (none redone).
+    attempts = [{"from_step": 0, "to_step": 5}, {"from_step": 4, "to_step": 9}, {"from_step": 9, "to_step": 12}]
+    assert steps_redone(attempts) == 1
+    assert steps_redone([{"from_step": 0, "to_step": 5}, {"from_step": 0, "to_step": 8}]) == 5  # no checkpoint yet
