@@ -115,18 +115,14 @@ def test_node_lost_mid_run_keeps_every_row_exactly_once(cluster, generate, tmp_p
     process = generate(cluster.address, out, IMAGES_ON_DIFFUSION_NODE)
     # The node goes once the stuck block is in its image stage. Not at the first shard: the blocks reach
     # the one image replica in any order, and those queued behind the stuck block wait with it.
-    deadline = time.time() + 400
-    while f"images: injected delay on ['{STUCK_ROW}'" not in run_log(out):
-        assert process.poll() is None and time.time() < deadline, "the run ended (or stalled) before the stuck block"
-        time.sleep(0.5)
+    def stuck_block_in_flight() -> bool:
+        assert process.poll() is None, "the run ended before the stuck block"
+        return f"images: injected delay on ['{STUCK_ROW}'" in run_log(out)
+
+    wait_for(stuck_block_in_flight, "the stuck block", timeout=400)
     committed_before = {row["id"] for folder in ("pairs", "dropped") for row in rows(out, folder)}
-    # Preempted as a spot VM is: the notice first (Ray's drain with reason preemption and a deadline, as
-    # autoscaler v2 relays a cloud's notice), then SIGKILL at the deadline, the stuck block still in flight.
-    notice = [RAY, "drain-node", "--address", cluster.address, "--node-id", doomed.node_id,
-              "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
-              "--deadline-remaining-seconds", str(DRAIN_DEADLINE_S)]  # fmt: skip
-    drained = subprocess.run(notice, env=ray_env(), capture_output=True, text=True, timeout=120)
-    assert drained.returncode == 0, drained.stdout + drained.stderr
+    # Preempted as a spot VM is: the notice first, then SIGKILL at the deadline, the stuck block still in flight.
+    preemption_notice(cluster, doomed, DRAIN_DEADLINE_S)
     time.sleep(DRAIN_DEADLINE_S)
     cluster.remove_node(doomed, allow_graceful=False)
     cluster.add_node(num_cpus=1, resources={"diffusion_node": 1}, **common)  # the autoscaler's replacement
@@ -215,11 +211,7 @@ def test_training_checkpoints_on_a_preemption_notice_and_resumes_there(cluster, 
 
     try:
         wait_for(lambda: reached(3), "step 3")
-        notice = [RAY, "drain-node", "--address", cluster.address, "--node-id", doomed.node_id,
-                  "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
-                  "--deadline-remaining-seconds", "60"]  # fmt: skip
-        drained = subprocess.run(notice, env=ray_env(), capture_output=True, text=True, timeout=120)
-        assert drained.returncode == 0, drained.stdout + drained.stderr
+        preemption_notice(cluster, doomed, deadline_s=60)
         # Ray Train's controller registers a reported checkpoint in its snapshot a moment later; a node gone
         # before that takes the checkpoint with it (a real notice's deadline leaves the time).
         snapshot = out / "ray" / "dpo-tiny" / "checkpoint_manager_snapshot.json"
@@ -237,6 +229,16 @@ def test_training_checkpoints_on_a_preemption_notice_and_resumes_there(cluster, 
     first, last = worker["attempts"]
     assert 3 <= checkpoint_step == worker["resumed_from_step"] == last["from_step"] <= first["to_step"] < steps == last["to_step"]
     assert worker["steps_redone"] == first["to_step"] - last["from_step"]
+
+
+def preemption_notice(cluster, node, deadline_s: int) -> None:
+    """Ray's drain of NODE with reason preemption and a deadline, as autoscaler v2 relays a cloud's spot
+    notice (`ray drain-node`, Ray's developer command for it)."""
+    notice = [RAY, "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+              "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
+              "--deadline-remaining-seconds", str(deadline_s)]  # fmt: skip
+    drained = subprocess.run(notice, env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
 
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
