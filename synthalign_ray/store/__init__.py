@@ -109,6 +109,15 @@ def write_json(uri: str, payload: dict[str, Any]) -> None:
     write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
+def delete_file(uri: str) -> bool:
+    """Delete the file at URI if there is one; True if there was."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True
+
+
 def read_json(uri: str) -> dict[str, Any]:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:

@@ -92,9 +92,7 @@ def _claim_output(cfg: TrainConfig, data: str, output: str, overwrite: bool) -> 
         run_fs, run_path = store.filesystem(run_folder)
         if run_fs.get_file_info(run_path).type == pafs.FileType.Directory:
             run_fs.delete_dir(run_path)
-        attempts_fs, attempts_path = store.filesystem(store.join(_output_uri(output), ATTEMPTS_FILE))
-        if attempts_fs.get_file_info(attempts_path).type == pafs.FileType.File:
-            attempts_fs.delete_file(attempts_path)  # the discarded run's attempts
+        store.delete_file(store.join(_output_uri(output), ATTEMPTS_FILE))  # the discarded run's attempts
     store.write_json(uri, wanted)
 
 
@@ -140,9 +138,7 @@ def train(
             )  # fmt: skip
     _claim_output(cfg, data, output, overwrite)
     worker_result = store.join(_output_uri(output), WORKER_RESULT_FILE)
-    fs, path = store.filesystem(worker_result)
-    if fs.get_file_info(path).type == pafs.FileType.File:  # a previous run's: never read it as this one's
-        fs.delete_file(path)
+    store.delete_file(worker_result)  # a previous run's: never read it as this one's
     args = cfg.trl_args()
     log.info(
         "global batch: %d pairs per optimizer step (%d workers x %d per device x gradient accumulation %d)%s",

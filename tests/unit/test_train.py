@@ -15,6 +15,7 @@ from synthalign_ray.train import log as train_log
 from synthalign_ray.train.config import TrainConfig, load_train_config
 from synthalign_ray.train.dpo import (
     ADAPTER_DIR,
+    ATTEMPTS_FILE,
     FULL_MODEL_DIR,
     WORKER_RESULT_FILE,
     LoraTargetError,
@@ -264,7 +265,10 @@ def test_an_output_with_another_config_is_refused(tmp_path):
         _claim_output(load_train_config(TINY, ["trl.beta=0.2"]), "runs/a", str(tmp_path), overwrite=False)
     with pytest.raises(TrainRunError):
         _claim_output(cfg, "runs/b", str(tmp_path), overwrite=False)
+    attempts = tmp_path / ATTEMPTS_FILE
+    attempts.write_text('{"attempts": [{"from_step": 0, "to_step": 5}]}')
     _claim_output(cfg, "runs/b", str(tmp_path), overwrite=True)
+    assert not attempts.exists()  # the discarded run's attempts would count as this run's
 
 
 # A URI's query (s3://bucket/run?endpoint_override=...) belongs at the end of every path under it. pyarrow
