@@ -243,3 +243,5 @@ def test_dockerfile_installs_the_project_with_scripts_install_sh():
     venv = re.search(r"VENV=(\S+)", install).group(1)
     assert install.startswith("RUN ") and "bash scripts/install.sh" in install
     assert f"ENV PATH={venv}/bin:$PATH" in instructions  # KubeRay's `ray start` and the jobs use that venv
+    # ... in a login shell too (KubeRay before 1.4), whose /etc/profile resets PATH, then reads profile.d.
+    assert f"RUN echo 'export PATH={venv}/bin:$PATH' > /etc/profile.d/synthalign-venv.sh" in instructions
