@@ -85,14 +85,9 @@ _LLAMA3_SPECIAL_TOKENS = [
 LLAMA3_ASSISTANT_TURN = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-# Llama-2's and Mistral-7B's sentencepiece vocabulary: llava-hf adds <image> (32000) and <pad> (32001) after it.
-SENTENCEPIECE_VOCAB_SIZE = 32000
-
-
 def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
     """Llama-2 / Mistral layout: `<unk>`=0, `<s>`=1, `</s>`=2, byte pieces `<0x00>`..`<0xFF>`=3..258, BPE
-    pieces with "▁" word marks, `<s>` prepended on encode, unused fillers up to SENTENCEPIECE_VOCAB_SIZE;
-    `extra_special_tokens` get the ids after it, as the released checkpoints' added tokens have them."""
+    pieces with "▁" word marks, `<s>` prepended on encode; `extra_special_tokens` get the last ids."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -118,9 +113,6 @@ def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
     # ordinary vocabulary: as special tokens, decoding would skip them and drop every non-ASCII character.
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
-    # No merge builds a filler, so no text maps to one: they only move the added tokens to the released ids.
-    vocab = spec["model"]["vocab"]
-    vocab |= {f"<twin_unused_{token_id}>": token_id for token_id in range(len(vocab), SENTENCEPIECE_VOCAB_SIZE)}
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.add_special_tokens(extra_special_tokens)
     return tokenizer

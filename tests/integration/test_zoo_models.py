@@ -89,10 +89,7 @@ def test_lvlm_weights_use_the_llava_hf_layout(built, name):
     assert prefixes <= {"language_model", "vision_tower", "multi_modal_projector", "image_newline"}
     # llava-hf's releases are float16, weights and config: an engine at dtype "auto" runs them so.
     assert {tensor.dtype for tensor in saved.values()} == {torch.float16}
-    config = json.loads((built[name] / "config.json").read_text())
-    assert config["dtype"] == "float16"
-    # llava-hf's ids: <image> and <pad> after the 32000 sentencepiece pieces, the table padded to 32064.
-    assert (config["image_token_index"], config["pad_token_id"], config["text_config"]["vocab_size"]) == (32000, 32001, 32064)
+    assert json.loads((built[name] / "config.json").read_text())["dtype"] == "float16"
     vision = [key for key in saved if key.startswith("vision_tower.")]
     # transformers 5.19 would save `vision_tower.embeddings...`; vLLM only loads the hub's names.
     assert vision and all(key.startswith("vision_tower.vision_model.") for key in vision)
