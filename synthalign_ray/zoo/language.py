@@ -85,9 +85,20 @@ _LLAMA3_SPECIAL_TOKENS = [
 LLAMA3_ASSISTANT_TURN = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
+# Llama-2's and Mistral-7B's sentencepiece vocabulary: llava-hf adds <image> (32000) and <pad> (32001) after it.
+SENTENCEPIECE_VOCAB_SIZE = 32000
+# The fillers that pad the trained pieces up to SENTENCEPIECE_VOCAB_SIZE: one private-use code point each
+# (plane 15, which no text of ours holds). A random twin samples them as often as trained pieces, so each
+# must stay one character that encodes back to one token: '<unused_N>' fillers made answers several times
+# longer than the token budget that generated them (pairs over train's max_length, judge prompts over the
+# context).
+_FILLER_FIRST_CODE_POINT = 0xF0000
+
+
 def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
     """Llama-2 / Mistral layout: `<unk>`=0, `<s>`=1, `</s>`=2, byte pieces `<0x00>`..`<0xFF>`=3..258, BPE
-    pieces with "▁" word marks, `<s>` prepended on encode; `extra_special_tokens` get the last ids."""
+    pieces with "▁" word marks, one-character fillers up to SENTENCEPIECE_VOCAB_SIZE, `<s>` prepended on
+    encode; `extra_special_tokens` get the ids after it, as the released checkpoints' added tokens have."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -113,6 +124,8 @@ def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
     # ordinary vocabulary: as special tokens, decoding would skip them and drop every non-ASCII character.
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    vocab = spec["model"]["vocab"]
+    vocab |= {chr(_FILLER_FIRST_CODE_POINT + i): i for i in range(len(vocab), SENTENCEPIECE_VOCAB_SIZE)}
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.add_special_tokens(extra_special_tokens)
     return tokenizer
