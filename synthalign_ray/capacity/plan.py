@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -226,9 +227,7 @@ class ClusterNodes:
         return sum(gpus for _, gpus in self.nodes)
 
     def describe(self) -> str:
-        counts: dict[tuple[str, float], int] = {}
-        for node in self.nodes:
-            counts[node] = counts.get(node, 0) + 1
+        counts = Counter(self.nodes)
         kinds = ", ".join(f"{n} x {name} ({gpus:g} GPU{'s' if gpus != 1 else ''})" for (name, gpus), n in counts.items())
         return f"{self.source} holds at most {self.gpus:g} GPUs on {len(self.nodes)} GPU nodes: {kinds}"
 
