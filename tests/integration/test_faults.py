@@ -90,6 +90,14 @@ def generate():
         process.wait()
 
 
+def train_command(address: str, data: str, out: Path, *sets: str) -> list[str]:
+    """`synthalign train` of train_tiny.yaml on the cluster at `address`, with `--set` for each of `sets`."""
+    command = [sys.executable, "-m", "synthalign_ray.cli", "train", "--config", "configs/train_tiny.yaml", "--data", data, "--output", str(out)]
+    for item in (f"run.ray_address={address}", *sets):
+        command += ["--set", item]
+    return command
+
+
 def run_log(out: Path) -> str:
     """What the run printed, then its log under the output (the workers' lines: injected faults and delays)."""
     return (out.parent / f"{out.name}.log").read_text() + "".join(log.read_text() for log in sorted((out / "logs").glob("*.log")))
@@ -172,8 +180,7 @@ def test_a_local_output_on_several_nodes_is_refused_unless_declared_shared(clust
         out = tmp_path / "local"
         process = generate(cluster.address, out, shared=False)
         code = process.wait(timeout=300)
-        command = [sys.executable, "-m", "synthalign_ray.cli", "train", "--config", "configs/train_tiny.yaml",
-                   "--data", data, "--output", str(train_out), "--set", f"run.ray_address={cluster.address}"]  # fmt: skip
+        command = train_command(cluster.address, data, train_out)
         trained = subprocess.run(command, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300)
     finally:
         cluster.remove_node(extra)
@@ -195,11 +202,11 @@ def test_training_checkpoints_on_a_preemption_notice_and_resumes_there(cluster, 
     cluster, common = cluster
     doomed = cluster.add_node(num_cpus=1, resources={"train_slot": 1}, **common)
     data, out, steps = write_pairs(str(tmp_path / "pairs-run"), 8), tmp_path / "dpo", 100
-    command = [sys.executable, "-m", "synthalign_ray.cli", "train", "--config", "configs/train_tiny.yaml", "--data", data,
-               "--output", str(out), "--set", f"run.ray_address={cluster.address}", "--set", "run.shared_filesystem=true",
-               "--set", "scaling.num_workers=1", "--set", "scaling.resources_per_worker={train_slot: 1}",
-               "--set", "trl.per_device_train_batch_size=2", "--set", f"trl.max_steps={steps}",
-               "--set", "run.checkpoint_every=1000", "--set", "merge=false"]  # fmt: skip
+    command = train_command(
+        cluster.address, data, out, "run.shared_filesystem=true", "scaling.num_workers=1",
+        "scaling.resources_per_worker={train_slot: 1}", "trl.per_device_train_batch_size=2", f"trl.max_steps={steps}",
+        "run.checkpoint_every=1000", "merge=false",
+    )  # fmt: skip
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
