@@ -332,6 +332,10 @@ def test_rayjob_entrypoint_runs_an_existing_job_with_a_config_that_loads(cloud, 
     load_config(config, options.get("--set", []), JOB_SCHEMAS[script.name])  # fields and values valid
 
 
+def values_of(argv: list[str], flag: str) -> list[str]:
+    return [value for name, value in zip(argv[2::2], argv[3::2]) if name == flag]
+
+
 @pytest.mark.parametrize("cloud", CLOUDS)
 def test_rayjob_outputs_are_in_the_clouds_bucket(cloud):
     """Every URI a job reads or writes is on this cloud's object store (pyarrow's filesystem for the
@@ -344,6 +348,9 @@ def test_rayjob_outputs_are_in_the_clouds_bucket(cloud):
         assert {uri.split("://")[0] for uri in uris} == {SCHEME[cloud]}, where(job)
         paths = [value for value in values if "/" in value and "://" not in value]
         assert all(value.startswith(("/app/", "/mnt/runs/", "llava-hf/")) for value in paths), where(job)
+        # The shared volume is local to pyarrow: a job that writes there says every node mounts it.
+        if any(value.startswith("/mnt/runs/") for value in values_of(argv, "--output")):
+            assert any(value.endswith(".shared_filesystem=true") for value in values_of(argv, "--set")), where(job)
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
