@@ -137,7 +137,9 @@ def render(folder: Path) -> list[dict]:
     docs: list[dict] = []
     for entry in kustomization.get("resources", []):
         path = folder / entry
-        docs += render(path) if path.is_dir() else [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        # A YAML alias becomes a copy of its own (kustomize expands anchors; PyYAML would share one object
+        # between the alias and its anchor, so a patch of one would change both).
+        docs += render(path) if path.is_dir() else [json.loads(json.dumps(doc)) for doc in yaml.safe_load_all(path.read_text()) if doc]
     for patch in kustomization.get("patches", []):
         assert set(patch) == {"target", "patch"}, f"{folder}: a patch is `target` (kind, name) and an inline `patch`"
         target = patch["target"]
@@ -224,6 +226,10 @@ def test_render_refuses_what_it_does_not_implement(tmp_path):
     json6902 = "patches:\n  - target: {kind: ServiceAccount, name: a}\n    patch: '[{op: add, path: /metadata/labels, value: {b: c}}]'\n"
     (tmp_path / "kustomization.yaml").write_text(head + "namespace: n\n" + json6902)
     assert render(tmp_path) == [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "a", "namespace": "n", "labels": {"b": "c"}}}]
+    # A patch of an aliased node changes that copy only.
+    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: a, labels: &l {x: y}, annotations: *l}\n")
+    (tmp_path / "kustomization.yaml").write_text(head + "patches:\n  - target: {kind: ServiceAccount, name: a}\n    patch: '[{op: add, path: /metadata/labels/b, value: c}]'\n")
+    assert render(tmp_path)[0]["metadata"]["annotations"] == {"x": "y"}
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
