@@ -94,17 +94,34 @@ def _check_hub(refs: dict[str, str]):
 
 @zoo_app.command("build")
 def zoo_build(
-    names: Annotated[Optional[list[str]], typer.Argument(help="models to build (default: all)")] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(help="models to build (default: all at this scale)")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even if built")] = False,
     seed: int = 0,
+    scale: Annotated[
+        str,
+        typer.Option(
+            "--scale",
+            help="tiny: the twins; paper: the paper's models at their released shapes, vocabularies and dtypes "
+            "(random weights)",
+        ),
+    ] = "tiny",
+    device: Annotated[str, typer.Option("--device", help="paper scale: where the weights are made (cpu, cuda, cuda:1)")] = "cpu",
+    layers: Annotated[
+        Optional[int], typer.Option("--layers", min=1, help="paper scale: cap every stack's depth at N (for tests)")
+    ] = None,
 ):
-    """Build tiny random-weight models into the zoo folder ($SYNTHALIGN_ZOO or ~/.cache/synthalign/zoo)."""
+    """Build random-weight models into the zoo folder ($SYNTHALIGN_ZOO or ~/.cache/synthalign/zoo).
+
+    `--scale paper` builds sd3, image-reward, armorm and lvlm-llava at the released shapes into NAME-paper[-LN]."""
     from synthalign_ray import zoo
 
-    for name in names or sorted(zoo.BUILDERS):
-        if name not in zoo.BUILDERS:
-            _fail(f"unknown zoo model {name!r}; known: {', '.join(sorted(zoo.BUILDERS))}")
-        typer.echo(f"{name}: {zoo.build(name, seed=seed, force=force)}")
+    if scale not in zoo.SCALES:
+        _fail(f"--scale {scale!r}: must be one of {', '.join(zoo.SCALES)}")
+    known = zoo.BUILDERS if scale == "tiny" else zoo.PAPER_BUILDERS
+    for name in names or sorted(known):
+        if name not in known:
+            _fail(f"unknown {scale} zoo model {name!r}; known: {', '.join(sorted(known))}")
+        typer.echo(f"{name}: {zoo.build(name, seed=seed, force=force, scale=scale, device=device, layers=layers)}")
 
 
 @zoo_app.command("list")

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -265,6 +265,10 @@ def _find_tokenizer_dir(model_dir: Path, tokenizer: str | Path | None) -> Path:
     )
 
 
+# The tokens the package's init_tokenizer adds after bert-base-uncased's 30522 (see _load_tokenizer).
+_ADDED_TOKENS = ("[DEC]", "[ENC]")
+
+
 def _load_tokenizer(folder: Path) -> BertTokenizer:
     tokenizer = BertTokenizer.from_pretrained(str(folder))
     if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
@@ -403,32 +407,47 @@ OFFICIAL_MED_CONFIG = {
 _TOKENIZER_CONFIG = {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
 
 
-def write_random_checkpoint(dest: Path, *, seed: int, vit: str = "tiny", text_layers: int = 2) -> Path:
+def write_random_checkpoint(
+    dest: Path,
+    *,
+    seed: int,
+    vit: str = "tiny",
+    text_layers: int = 2,
+    vit_depth: int | None = None,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Write a random-weight ImageReward folder in the official format; returns `dest`.
 
     `vit="large"` is the package's ViT-L/16 at 224 px, so the official package can load the result; `"tiny"` is a small
-    ViT only `load_image_reward` loads. The text encoder keeps the real width (768, fixed by the package's head) with
-    `text_layers` layers. Weights are scaled so that activations stay O(1) through every layer and scores differ
-    clearly across images and prompts (the package's own head init would score everything ~= -mean/std).
+    ViT only `load_image_reward` loads; `vit_depth` overrides its number of blocks. The text encoder keeps the real
+    width (768, fixed by the package's head) with `text_layers` layers. `vocab_size` (the released 30524) pads the BERT
+    vocabulary so that it, with the [DEC] and [ENC] the loader adds, has that many tokens. Weights are drawn on
+    `device` (float32, as the released .pt) and saved from the host. They are scaled so that activations stay O(1)
+    through every layer and scores differ clearly across images and prompts (the package's own head init would score
+    everything ~= -mean/std).
     """
     if vit not in RANDOM_VIT_SHAPES:
         raise ValueError(f"vit must be one of {sorted(RANDOM_VIT_SHAPES)}, got {vit!r}")
-    vit_shape = RANDOM_VIT_SHAPES[vit]
+    vit_shape = RANDOM_VIT_SHAPES[vit] if vit_depth is None else replace(RANDOM_VIT_SHAPES[vit], depth=vit_depth)
     dest.mkdir(parents=True, exist_ok=True)
 
-    vocab = wordpiece_vocab()
-    write_wordpiece_vocab(dest)
+    bert_vocab_size = None if vocab_size is None else vocab_size - len(_ADDED_TOKENS)
+    vocab = wordpiece_vocab(bert_vocab_size)
+    write_wordpiece_vocab(dest, bert_vocab_size)
     (dest / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
     med_config = {
         **OFFICIAL_MED_CONFIG,
         "num_hidden_layers": text_layers,
-        "vocab_size": len(vocab) + 2,  # + the [DEC] and [ENC] tokens init_tokenizer adds, as 30522 + 2 in the original
+        # + the [DEC] and [ENC] tokens init_tokenizer adds, as 30522 + 2 in the original
+        "vocab_size": len(vocab) + len(_ADDED_TOKENS),
     }
     (dest / MED_CONFIG_FILE).write_text(json.dumps(med_config, indent=2))
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     state_dict = {
-        key: _random_tensor(key, shape, generator) for key, shape in _official_shapes(vit_shape, med_config).items()
+        key: _random_tensor(key, shape, generator).cpu()
+        for key, shape in _official_shapes(vit_shape, med_config).items()
     }
     torch.save(state_dict, dest / CHECKPOINT_FILE)
     return dest
@@ -490,8 +509,8 @@ def _official_shapes(vit: _VitShape, med_config: dict) -> dict[str, tuple[int, .
 
 def _random_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     if key.endswith("position_ids"):
-        return torch.arange(shape[-1]).expand(shape).clone()
-    noise = torch.randn(shape, generator=generator)
+        return torch.arange(shape[-1], device=generator.device).expand(shape).clone()
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     name = key.rsplit(".", 1)[-1]
     if "norm" in key.lower() and name == "weight":
         # Not all ones: a swapped or misplaced LayerNorm must change the scores for the parity test to see it.

@@ -5,6 +5,10 @@ same classes, same `save_pretrained` layout, same tokenizer files, random weight
 through exactly the code path a real checkpoint takes; `zoo:NAME` in a config resolves to the built
 folder. Outputs are noise by design: tests check plumbing, never quality.
 
+`build(name, scale="paper", device="cuda")` builds the paper's four models (sd3, image-reward, armorm, lvlm-llava)
+at their released shapes, vocabulary sizes and dtypes instead, random weights made directly on the device, from the
+released configs in paper_configs/; `layers=N` caps every stack's depth for tests. They go to `NAME-paper[-LN]`.
+
 Models are built once per (name, seed) into the zoo folder (``$SYNTHALIGN_ZOO`` or
 ``~/.cache/synthalign/zoo``) and reused; `synthalign zoo build --force` rebuilds them. A build writes to
 a temporary folder and renames it into place, so a killed build never leaves a half model behind.
@@ -19,7 +23,11 @@ from synthalign_ray.zoo.registry import (
     BUILDERS,
     CORPUS,
     DEFAULT_SEED,
+    PAPER_BUILDERS,
+    PAPER_CONFIGS,
+    SCALES,
     ZOO_PREFIX,
+    ZooError,
     build,
     build_all,
     is_built,
@@ -33,7 +41,11 @@ __all__ = [
     "BUILDERS",
     "CORPUS",
     "DEFAULT_SEED",
+    "PAPER_BUILDERS",
+    "PAPER_CONFIGS",
+    "SCALES",
     "ZOO_PREFIX",
+    "ZooError",
     "build",
     "build_all",
     "is_built",

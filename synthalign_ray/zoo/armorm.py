@@ -7,8 +7,9 @@ safetensors under the released key names, and a Llama-3 tokenizer at Llama-3's i
 writes it), and Meta-Llama-3-8B-Instruct's chat template. The ids matter: the released forward finds the prompt's
 end by the hard-coded ids of `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`.
 
-Only the width differs (64 instead of 4096, 2 layers instead of 32); the BPE merges are trained on the zoo corpus
-and the ids no merge reaches are unused fillers. modeling_custom.py holds the release's import line only: the part
+Only the width differs (64 instead of 4096, 2 layers instead of 32; `zoo.build("armorm", scale="paper")` makes the
+released shapes from the released config.json, paper_configs/ArmoRM-Llama3-8B-v0.1/); the BPE merges are trained on
+the zoo corpus and the ids no merge reaches are unused fillers. modeling_custom.py holds the release's import line only: the part
 that decides, under the installed transformers, what `trust_remote_code` loading does (it fails since transformers
 5 removed LLAMA_INPUTS_DOCSTRING); synthalign_ray.models.armorm loads the folder instead.
 """
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 
 from synthalign_ray.zoo.language import LLAMA3_ASSISTANT_TURN, LLAMA3_CHAT_TEMPLATE, byte_level_tokenizer
-from synthalign_ray.zoo.registry import register, seeded_torch
+from synthalign_ray.zoo.registry import building_on, capped, paper_config, register, register_paper, seeded_torch
 
 LLAMA3_BPE_SIZE = 128000
 LLAMA3_NAMED_SPECIAL_TOKENS = {
@@ -99,15 +100,11 @@ def armorm_tokenizer():
 
 @register("armorm", "Twin of ArmoRM-Llama3-8B-v0.1: released config, keys and Llama-3 token ids, tiny width, random")
 def build_armorm(dest: Path, seed: int) -> None:
-    import torch
     from transformers import LlamaConfig
 
     from synthalign_ray.models import armorm
 
     tokenizer = armorm_tokenizer()
-    pattern = tokenizer.encode(LLAMA3_ASSISTANT_TURN, add_special_tokens=False)
-    if tuple(pattern) != armorm.GATING_TOKEN_PATTERN:
-        raise AssertionError(f"the twin's tokenizer encodes the gating pattern as {pattern}")
     config = LlamaConfig(
         **_LLAMA3_FIELDS,
         **_TWIN_SIZES,
@@ -119,8 +116,38 @@ def build_armorm(dest: Path, seed: int) -> None:
         gating_n_hidden=armorm.DEFAULT_GATING_N_HIDDEN,
         auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"},
     )
+    _write_armorm(dest, seed, config, tokenizer)
+
+
+# RLHFlow/ArmoRM-Llama3-8B-v0.1's config.json under paper_configs/: Llama-3-8B's sizes, vocab 128257 ([PAD] at
+# 128256), eos 128001, the gating fields. Its weights are bfloat16 (the twin's dtype), whatever its torch_dtype says.
+ARMORM_RELEASE = "ArmoRM-Llama3-8B-v0.1"
+
+
+@register_paper("armorm", "RLHFlow/ArmoRM-Llama3-8B-v0.1: Llama-3-8B backbone + gating and regression heads, bf16")
+def build_armorm_paper(dest: Path, seed: int, device: str, layers: int | None) -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_dict(paper_config(ARMORM_RELEASE, "config.json"))
+    config.num_hidden_layers = capped(config.num_hidden_layers, layers)
+    _write_armorm(dest, seed, config, armorm_tokenizer(), device=device, dtype="bfloat16")
+
+
+def _write_armorm(dest: Path, seed: int, config, tokenizer, *, device: str = "cpu", dtype: str = "float32") -> None:
+    """ArmoRM's files for `config`: the model made on `device` in `dtype`, seeded by `seed`, saved in bfloat16 with
+    the tokenizer and the release's modeling_custom.py import line."""
+    import torch
+
+    from synthalign_ray.models import armorm
+
+    pattern = tokenizer.encode(LLAMA3_ASSISTANT_TURN, add_special_tokens=False)
+    if tuple(pattern) != armorm.GATING_TOKEN_PATTERN:
+        raise AssertionError(f"the twin's tokenizer encodes the gating pattern as {pattern}")
+    if config.pad_token_id != tokenizer.pad_token_id:
+        raise AssertionError(f"config pad id {config.pad_token_id} is not the tokenizer's {tokenizer.pad_token_id}")
     seeded_torch(seed)
-    model = armorm.LlamaForRewardModelWithGating(config)
+    with building_on(device, getattr(torch, dtype)):
+        model = armorm.LlamaForRewardModelWithGating(config)
     with torch.no_grad():
         # The released transform and scale are learned; identity and 1 would hide a mix-up.
         n = config.num_objectives

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from synthalign_ray.zoo.registry import CORPUS, seeded_torch, register
+from synthalign_ray.zoo.registry import (
+    CORPUS,
+    FILLER_FIRST_CODE_POINT,
+    building_on,
+    capped,
+    paper_config,
+    register,
+    register_paper,
+    seeded_torch,
+)
 
 # --- language models: LLaVA-style LVLMs, a chat LLM, reward models (transformers and vLLM) -----------
 # Tokenizers mirror the real families. The LVLMs (Vicuna / Mistral backbones) get a Llama-2 style
@@ -88,11 +97,10 @@ LLAMA3_ASSISTANT_TURN = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>
 # Llama-2's and Mistral-7B's sentencepiece vocabulary: llava-hf adds <image> (32000) and <pad> (32001) after it.
 SENTENCEPIECE_VOCAB_SIZE = 32000
 # The fillers that pad the trained pieces up to SENTENCEPIECE_VOCAB_SIZE: one private-use code point each
-# (plane 15, which no text of ours holds). A random twin samples them as often as trained pieces, so each
+# (registry.FILLER_FIRST_CODE_POINT). A random twin samples them as often as trained pieces, so each
 # must stay one character that encodes back to one token: '<unused_N>' fillers made answers several times
 # longer than the token budget that generated them (pairs over train's max_length, judge prompts over the
 # context).
-_FILLER_FIRST_CODE_POINT = 0xF0000
 
 
 def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
@@ -125,7 +133,7 @@ def _sentencepiece_style_tokenizer(extra_special_tokens: list[str]):
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
     vocab = spec["model"]["vocab"]
-    vocab |= {chr(_FILLER_FIRST_CODE_POINT + i): i for i in range(len(vocab), SENTENCEPIECE_VOCAB_SIZE)}
+    vocab |= {chr(FILLER_FIRST_CODE_POINT + i): i for i in range(len(vocab), SENTENCEPIECE_VOCAB_SIZE)}
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.add_special_tokens(extra_special_tokens)
     return tokenizer
@@ -170,7 +178,7 @@ def _padded_vocab_size(n_tokens: int) -> int:
     return -(-n_tokens // 64) * 64
 
 
-def _llava_tokenizer():
+def _llava_tokenizer(model_max_length: int = LM_TEXT_DIMS["max_position_embeddings"]):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -180,7 +188,7 @@ def _llava_tokenizer():
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        model_max_length=LM_TEXT_DIMS["max_position_embeddings"],
+        model_max_length=model_max_length,
         padding_side="left",
     )
 
@@ -208,20 +216,39 @@ def _save_with_hub_vision_keys(model, dest: Path) -> None:
 
     transformers 5.19 flattens CLIPVisionModel (no `vision_model` submodule) and saves a LLaVA tower as
     `vision_tower.X`. Released llava-hf checkpoints have `vision_tower.vision_model.X`, which is what
-    vLLM loads (it rejects the flat names) and what transformers converts on load.
+    vLLM loads (it rejects the flat names) and what transformers converts on load. Sharded saves (a model over
+    save_pretrained's shard size) get the same names in every shard and in the index.
     """
     from safetensors.torch import load_file, save_file
 
     import torch
 
     model.to(getattr(torch, LLAVA_HF_DTYPE)).save_pretrained(dest)
-    path = dest / "model.safetensors"
     flat, hub = "vision_tower.", "vision_tower.vision_model."
-    tensors = {
-        (hub + key[len(flat) :] if key.startswith(flat) and not key.startswith(hub) else key): tensor
-        for key, tensor in load_file(path).items()
-    }
-    save_file(tensors, path, metadata={"format": "pt"})
+
+    def hub_key(key: str) -> str:
+        return hub + key[len(flat) :] if key.startswith(flat) and not key.startswith(hub) else key
+
+    for path in sorted(dest.glob("model*.safetensors")):
+        tensors = {hub_key(key): tensor for key, tensor in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    index = dest / "model.safetensors.index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text())
+        spec["weight_map"] = {hub_key(key): file for key, file in spec["weight_map"].items()}
+        index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+
+
+def _write_lvlm(dest: Path, seed: int, model_class, config, processor, *, device: str = "cpu", dtype: str = "float32"):
+    """The LLaVA writer every LVLM twin goes through: `model_class(config)` made on `device` in `dtype`, seeded by
+    `seed`, saved in llava-hf's layout and dtype, with `processor` beside it."""
+    import torch
+
+    seeded_torch(seed)
+    with building_on(device, getattr(torch, dtype)):
+        model = model_class(config)
+    _save_with_hub_vision_keys(model, dest)
+    processor.save_pretrained(dest)
 
 
 def _llava_backbone_configs(tokenizer, text_config_cls):
@@ -286,14 +313,40 @@ def build_lvlm_llava(dest: Path, seed: int) -> None:
         image_seq_length=(_LVLM_IMAGE_SIZE // _LVLM_PATCH_SIZE) ** 2,
         **_lvlm_config_kwargs(tokenizer),
     )
-    seeded_torch(seed)
-    _save_with_hub_vision_keys(LlavaForConditionalGeneration(config), dest)
-    LlavaProcessor(
+    processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(**_LVLM_IMAGE_PROCESSOR_KWARGS),
         tokenizer=tokenizer,
         chat_template=_LLAVA_15_CHAT_TEMPLATE,
         **_LVLM_PROCESSOR_KWARGS,
-    ).save_pretrained(dest)
+    )
+    _write_lvlm(dest, seed, LlavaForConditionalGeneration, config, processor)
+
+
+# llava-hf/llava-1.5-7b-hf's files under paper_configs/ (config.json, preprocessor_config.json, processor_config.json).
+LLAVA_15_RELEASE = "llava-1.5-7b-hf"
+# Fields of the released processor files that name a class rather than set a value.
+_CLASS_FIELDS = ("image_processor_type", "processor_class")
+
+
+@register_paper("lvlm-llava", "llava-hf/llava-1.5-7b-hf: Vicuna-7B text, CLIP ViT-L/14-336 tower, MLP projector, fp16")
+def build_lvlm_llava_paper(dest: Path, seed: int, device: str, layers: int | None) -> None:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    def values(file: str) -> dict:
+        return {key: value for key, value in paper_config(LLAVA_15_RELEASE, file).items() if key not in _CLASS_FIELDS}
+
+    config = LlavaConfig.from_dict(paper_config(LLAVA_15_RELEASE, "config.json"))
+    for stack in (config.text_config, config.vision_config):
+        stack.num_hidden_layers = capped(stack.num_hidden_layers, layers)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(**values("preprocessor_config.json")),
+        tokenizer=_llava_tokenizer(model_max_length=config.text_config.max_position_embeddings),
+        chat_template=_LLAVA_15_CHAT_TEMPLATE,
+        **values("processor_config.json"),
+    )
+    _write_lvlm(
+        dest, seed, LlavaForConditionalGeneration, config, processor, device=device, dtype=LLAVA_HF_DTYPE
+    )
 
 
 def _build_llava_next(dest: Path, seed: int, text_config_cls, chat_template: str) -> None:
@@ -318,16 +371,15 @@ def _build_llava_next(dest: Path, seed: int, text_config_cls, chat_template: str
         use_image_newline_parameter=True,
         **_lvlm_config_kwargs(tokenizer),
     )
-    seeded_torch(seed)
-    _save_with_hub_vision_keys(LlavaNextForConditionalGeneration(config), dest)
-    LlavaNextProcessor(
+    processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
             image_grid_pinpoints=grid_pinpoints, do_pad=True, **_LVLM_IMAGE_PROCESSOR_KWARGS
         ),
         tokenizer=tokenizer,
         chat_template=chat_template,
         **_LVLM_PROCESSOR_KWARGS,
-    ).save_pretrained(dest)
+    )
+    _write_lvlm(dest, seed, LlavaNextForConditionalGeneration, config, processor)
 
 
 @register("lvlm-llava-next", "LLaVA-NeXT v1.6 (llava-hf layout): anyres CLIP tower + projector + Mistral, random")

@@ -6,12 +6,22 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+
+from synthalign_ray.errors import UserError
 
 ZOO_PREFIX = "zoo:"
 DEFAULT_SEED = 0
 _DONE_MARKER = ".zoo-complete.json"
+SCALES = ("tiny", "paper")
+# The released config files the paper-scale builders read (their sources: paper_configs/README.md).
+PAPER_CONFIGS = Path(__file__).parent / "paper_configs"
+# Fillers that pad a twin's trained pieces up to a released vocabulary size: one private-use code point each
+# (plane 15, which no text of ours holds), so text sampled from the whole vocabulary keeps its token count.
+FILLER_FIRST_CODE_POINT = 0xF0000
 
 # A fixed English corpus for offline tokenizers: every tokenizer in the zoo is trained on it, so tiny
 # models tokenize real words into real sub-word pieces (a degenerate tokenizer fails the zoo tests).
@@ -41,8 +51,15 @@ def zoo_root() -> Path:
     return Path(os.environ.get("SYNTHALIGN_ZOO", Path.home() / ".cache" / "synthalign" / "zoo"))
 
 
+class ZooError(UserError, ValueError):
+    """A zoo build that cannot be made as asked (unknown paper-scale name, `layers` at tiny scale, bad device)."""
+
+
 # name -> (builder(dest_dir, seed), one-line description). Builders write a complete model folder.
 BUILDERS: dict[str, tuple[Callable[[Path, int], None], str]] = {}
+# name -> (builder(dest_dir, seed, device, layers), one-line description): the released model's shapes, vocabulary
+# sizes, dtype and files, random weights, made on `device`; `layers` (None: the real depth) caps every stack's depth.
+PAPER_BUILDERS: dict[str, tuple[Callable[[Path, int, str, int | None], None], str]] = {}
 
 
 def register(name: str, description: str):
@@ -53,26 +70,68 @@ def register(name: str, description: str):
     return wrap
 
 
-def model_dir(name: str, seed: int = DEFAULT_SEED) -> Path:
-    return zoo_root() / (name if seed == DEFAULT_SEED else f"{name}-seed{seed}")
+def register_paper(name: str, description: str):
+    def wrap(fn: Callable[[Path, int, str, int | None], None]):
+        PAPER_BUILDERS[name] = (fn, description)
+        return fn
+
+    return wrap
 
 
-def is_built(name: str, seed: int = DEFAULT_SEED) -> bool:
-    return (model_dir(name, seed) / _DONE_MARKER).is_file()
+def model_dir(name: str, seed: int = DEFAULT_SEED, *, scale: str = "tiny", layers: int | None = None) -> Path:
+    """`NAME` (tiny) or `NAME-paper[-L{layers}]`, then `-seed{seed}` unless the seed is the default."""
+    base = name if scale == "tiny" else f"{name}-paper" + ("" if layers is None else f"-L{layers}")
+    return zoo_root() / (base if seed == DEFAULT_SEED else f"{base}-seed{seed}")
 
 
-def build(name: str, *, seed: int = DEFAULT_SEED, force: bool = False) -> Path:
-    """Build zoo model `name` (if needed) and return its folder."""
-    if name not in BUILDERS:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(BUILDERS))}")
-    dest = model_dir(name, seed)
-    if is_built(name, seed) and not force:
+def is_built(name: str, seed: int = DEFAULT_SEED, *, scale: str = "tiny", layers: int | None = None) -> bool:
+    return (model_dir(name, seed, scale=scale, layers=layers) / _DONE_MARKER).is_file()
+
+
+def build(
+    name: str,
+    *,
+    seed: int = DEFAULT_SEED,
+    force: bool = False,
+    scale: str = "tiny",
+    device: str = "cpu",
+    layers: int | None = None,
+) -> Path:
+    """Build zoo model `name` (if needed) and return its folder.
+
+    scale="tiny": the tiny twin, made on the CPU. scale="paper": the released model's shapes and vocabulary sizes with
+    random weights, made directly in the released dtype on `device` (e.g. "cuda"); `layers=N` caps the depth of every
+    stack at N (widths, heads and vocabularies stay real) for tests.
+    """
+    marker = {"name": name, "seed": seed}
+    if scale == "tiny":
+        if name not in BUILDERS:
+            raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(BUILDERS))}")
+        if layers is not None:
+            raise ZooError(f"layers={layers}: only paper-scale builds take a depth (scale='paper')")
+        if device != "cpu":
+            raise ZooError(f"device={device!r}: tiny twins are built on the CPU; scale='paper' builds on a device")
+        make = partial(BUILDERS[name][0], seed=seed)
+    elif scale == "paper":
+        if name not in PAPER_BUILDERS:
+            raise ZooError(
+                f"zoo model {name!r} has no paper-scale builder; paper scale: {', '.join(sorted(PAPER_BUILDERS))}"
+            )
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+            raise ZooError(f"layers={layers!r}: must be a whole number >= 1")
+        check_device(device)
+        make = partial(PAPER_BUILDERS[name][0], seed=seed, device=device, layers=layers)
+        marker |= {"scale": scale, "layers": layers}
+    else:
+        raise ZooError(f"scale={scale!r}: must be one of {', '.join(SCALES)}")
+    dest = model_dir(name, seed, scale=scale, layers=layers)
+    if (dest / _DONE_MARKER).is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        BUILDERS[name][0](tmp, seed)
-        (tmp / _DONE_MARKER).write_text(json.dumps({"name": name, "seed": seed}))
+        make(tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps(marker))
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -98,3 +157,44 @@ def seeded_torch(seed: int):
 
     torch.manual_seed(seed)
     return torch
+
+
+def check_device(device: str) -> None:
+    """Refuse, with one line, a device torch cannot allocate on here (e.g. "cuda" on a machine without a GPU)."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+        if kind.type == "cuda" and (kind.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            raise RuntimeError(f"{torch.cuda.device_count()} CUDA GPU(s) visible")
+        if kind.type == "meta":
+            raise RuntimeError("meta tensors hold no weights to save")
+        torch.empty(1, device=kind)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ZooError(f"device {device!r} is not usable on this machine: {reason}") from err
+
+
+@contextmanager
+def building_on(device: str, dtype) -> Iterator[None]:
+    """Modules constructed inside are made on `device` in `dtype` (torch's default device and dtype, restored after):
+    a paper-scale model is made once, in its released dtype, with no float32 copy on the host first."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def paper_config(*path: str) -> dict:
+    """A released config file from paper_configs/, as a dict."""
+    return json.loads(PAPER_CONFIGS.joinpath(*path).read_text())
+
+
+def capped(depth: int, layers: int | None) -> int:
+    """A stack's depth: the released `depth`, or `layers` where that is smaller."""
+    return depth if layers is None else min(depth, layers)
