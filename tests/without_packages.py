@@ -4,7 +4,7 @@ The GPU machines of issue 20 have PyTorch and the model libraries but not Ray, v
 files stay on disk here, so a test takes them away with an import finder that is blind to them: `import ray` fails
 and `importlib.util.find_spec("ray")` says None, as where the package is not installed.
 
-    python -m tests.without_packages ray,vllm -c CODE
+    python -m tests.without_packages ray,vllm -c CODE [ARGS...]
     python -m tests.without_packages ray,vllm SCRIPT [ARGS...]
 
 Only the standard library is imported before the finder is in place.
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> None:
     packages, args = argv[0].split(","), argv[1:]
     hide(packages)
     if args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]  # as `python -c CODE ARGS...` sets it
         exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
         return
     script = Path(args[0])
