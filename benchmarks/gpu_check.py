@@ -112,6 +112,8 @@ TINY = Sizes(
 
 @dataclasses.dataclass
 class Run:
+    """What every section reads: the mode, its sizes, the GPU's peak and configs/paper.yaml."""
+
     tiny: bool
     layers: int | None
     sizes: Sizes
@@ -276,7 +278,7 @@ def check_images(run: Run, result: dict[str, Any]) -> None:
             rendered = {}
             with finite_outputs([transformer, stage.pipe.vae.decoder]) as finite:
                 for mode, batched in (("batched", True), ("per_scale", False)):
-                    # The warm-up renders one step: the timed call's shapes, at a 28th of its cost.
+                    # The warm-up renders one step: the timed call's shapes at one step's cost.
                     stage.cfg = cfg.model_copy(update={"batch_guidance": batched, "steps": 1})
                     flops, _ = counted_flops(lambda: stage.process(rows))
                     stage.cfg = cfg.model_copy(update={"batch_guidance": batched})
