@@ -15,10 +15,28 @@ import time
 
 import numpy as np
 
+from synthalign_ray.hf_image import decode_image
 from synthalign_ray.stages.images import ImageGenerator, ImagesConfig
 from synthalign_ray.stages.prompts import prompt_seed, prompts_table
-from synthalign_ray.store import decode_image
 from synthalign_ray.zoo import CORPUS
+
+
+def benchmark_rows(count: int) -> list[dict]:
+    """`count` prompt rows of seven corpus words each, with the seeds a run would give them."""
+    return [
+        {"id": f"b{i}", "category": "bench", "t2i_prompt": " ".join(CORPUS[7 * i : 7 * i + 7]), "seed": prompt_seed(0, f"b{i}"), "source_line": i}
+        for i in range(count)
+    ]
+
+
+def pixel_differences(batched: list[dict], per_scale: list[dict]) -> tuple[int, float]:
+    """Largest and mean |batched - per-scale| in uint8 levels over the candidate images of the same rows."""
+    differences = [
+        np.abs(np.asarray(decode_image(a), np.int16) - np.asarray(decode_image(b), np.int16))
+        for ra, rb in zip(batched, per_scale, strict=True)
+        for a, b in zip(ra["candidate_images"], rb["candidate_images"], strict=True)
+    ]
+    return int(max(d.max() for d in differences)), float(np.mean([d.mean() for d in differences]))
 
 
 def main() -> None:
@@ -30,11 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default="zoo:diffusion")
     args = parser.parse_args()
 
-    rows = [
-        {"id": f"b{i}", "category": "bench", "t2i_prompt": " ".join(CORPUS[7 * i : 7 * i + 7]), "seed": prompt_seed(0, f"b{i}"), "source_line": i}
-        for i in range(args.prompts)
-    ]
-    table = prompts_table(rows)
+    table = prompts_table(benchmark_rows(args.prompts))
     cfg = ImagesConfig(model=args.model, steps=args.steps, height=args.size, width=args.size)
     stage = ImageGenerator(cfg)
 
@@ -50,11 +64,7 @@ def main() -> None:
 
     per_scale_s, per_scale = run(batched=False)
     batched_s, batched = run(batched=True)
-    max_diff = max(
-        int(np.abs(np.asarray(decode_image(a), np.int16) - np.asarray(decode_image(b), np.int16)).max())
-        for ra, rb in zip(batched, per_scale)
-        for a, b in zip(ra["candidate_images"], rb["candidate_images"])
-    )
+    max_diff, _ = pixel_differences(batched, per_scale)
     k = len(cfg.guidance_scales)
     print(f"images: {args.prompts} prompts x {k} scales, {args.steps} steps, {args.size}px, model {args.model}")
     print(f"one call per scale : {per_scale_s:.3f} s ({k} calls)")

@@ -50,16 +50,20 @@ def benchmark_pairs(count: int) -> tuple[list[str], list[Image.Image]]:
     return [PROMPTS[index % len(PROMPTS)] for index in range(count)], images
 
 
+def official_one_at_a_time(package, checkpoint: Path, device: str):
+    """The official package as it is meant to be called: `model.score(prompt, image)` for each pair in turn."""
+    model = package.load(str(checkpoint / CHECKPOINT_FILE), device=device, med_config=str(checkpoint / MED_CONFIG_FILE))
+    return lambda prompts, images: [model.score(prompt, image) for prompt, image in zip(prompts, images)]
+
+
 def run(checkpoint: Path, pair_count: int, rounds: int) -> None:
     prompts, images = benchmark_pairs(pair_count)
     with official_image_reward(checkpoint) as package:
-        official = package.load(
-            str(checkpoint / CHECKPOINT_FILE), device="cpu", med_config=str(checkpoint / MED_CONFIG_FILE)
-        )
+        official = official_one_at_a_time(package, checkpoint, "cpu")
         ours_fp32 = load_image_reward(checkpoint, dtype=torch.float32, batch_size=pair_count)
         ours_bf16 = load_image_reward(checkpoint, dtype=torch.bfloat16, batch_size=pair_count)
         contenders = {
-            "official package, one at a time, fp32": lambda pairs: [official.score(p, i) for p, i in zip(*pairs)],
+            "official package, one at a time, fp32": lambda pairs: official(*pairs),
             "ours, one batch, fp32": lambda pairs: ours_fp32.score(*pairs),
             "ours, one batch, bf16": lambda pairs: ours_bf16.score(*pairs),
         }

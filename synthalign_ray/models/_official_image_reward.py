@@ -7,7 +7,8 @@ implementation running, so both compare against the same thing.
 The package fails on transformers 5 in five places; `official_image_reward()` patches each for the duration of a `with`
 block, without touching any installed file:
   1. AestheticScore.py / CLIPScore.py import OpenAI's `clip`, which the package does not declare: a stub module (scoring
-     never uses CLIP).
+     never uses CLIP). ReFL.py (fine-tuning) imports `datasets`: a stub too where it is not installed, as on the GPU
+     machines of benchmarks/gpu_check.py.
   2. med.py imports `apply_chunking_to_forward`, `find_pruneable_heads_and_indices` and `prune_linear_layer` from
      transformers.modeling_utils: provided there again (from transformers.pytorch_utils; head pruning is never used).
   3. blip.py's init_tokenizer downloads bert-base-uncased from the hub (offline: a silent 5-token tokenizer) and reads
@@ -23,6 +24,7 @@ warning filters the package changes globally at import are restored: use the pac
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import types
 import warnings
@@ -49,9 +51,12 @@ def official_image_reward(tokenizer_dir: Path) -> Iterator[types.ModuleType]:
 
     verbosity = transformers.logging.get_verbosity()
     with warnings.catch_warnings(), contextlib.ExitStack() as patches:
-        patches.callback(_forget_package_modules)
+        stubs = {"clip": _unused_module("clip")}
+        if importlib.util.find_spec("datasets") is None:
+            stubs["datasets"] = _unused_module("datasets", "load_dataset")  # ReFL's one import from it
+        patches.callback(_forget_package_modules, list(stubs))
         patches.callback(transformers.logging.set_verbosity, verbosity)
-        sys.modules["clip"] = types.ModuleType("clip")
+        sys.modules.update(stubs)
         for name, replacement in (
             ("apply_chunking_to_forward", transformers.pytorch_utils.apply_chunking_to_forward),
             ("find_pruneable_heads_and_indices", _head_pruning_unused),
@@ -72,9 +77,22 @@ def official_image_reward(tokenizer_dir: Path) -> Iterator[types.ModuleType]:
         yield package
 
 
-def _forget_package_modules() -> None:
-    for name in [name for name in sys.modules if name == PACKAGE or name.startswith(f"{PACKAGE}.") or name == "clip"]:
-        del sys.modules[name]
+def _forget_package_modules(stubs: list[str]) -> None:
+    for name in [name for name in sys.modules if name == PACKAGE or name.startswith(f"{PACKAGE}.")] + stubs:
+        sys.modules.pop(name, None)
+
+
+def _unused_module(name: str, *functions: str) -> types.ModuleType:
+    """A stand-in for a module the package imports but scoring never uses, with the functions it imports from it,
+    which fail if called."""
+
+    def unused(*args, **kwargs):
+        raise NotImplementedError(f"{name} is a stub in official_image_reward(): scoring does not use it")
+
+    module = types.ModuleType(name)
+    for function in functions:
+        setattr(module, function, unused)
+    return module
 
 
 def _head_pruning_unused(*args, **kwargs):

@@ -7,8 +7,11 @@ weight, wrong preprocessing or tokenization.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -24,6 +27,8 @@ from synthalign_ray.models.image_reward import (
     load_image_reward,
     write_random_checkpoint,
 )
+from tests.conftest import REPO
+from tests.without_packages import command
 
 PARITY_TOLERANCE = 1e-4
 PROMPTS = [
@@ -119,6 +124,30 @@ def test_tokenizer_matches_package_and_is_not_degenerate(official, large_scorer)
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("image-reward-tiny"), seed=0, vit="tiny")
+
+
+WITHOUT_DATASETS = '''
+import json, sys
+from pathlib import Path
+from synthalign_ray.models._official_image_reward import official_image_reward
+
+with official_image_reward(Path(sys.argv[1])) as package:
+    inside = {"package": package.__name__, "stubbed": sorted(name for name in ("clip", "datasets") if name in sys.modules)}
+print(json.dumps({**inside, "left": sorted(name for name in ("clip", "datasets", "ImageReward") if name in sys.modules)}))
+'''
+
+
+@pytest.mark.slow
+def test_official_package_imports_where_datasets_is_not_installed(tiny_checkpoint):
+    """The package's fine-tuning module imports `datasets`, which benchmarks/gpu_check.py's GPU machines lack."""
+    result = subprocess.run(
+        [*command(["datasets"], "-c", WITHOUT_DATASETS), str(tiny_checkpoint)],
+        cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "package": "ImageReward", "stubbed": ["clip", "datasets"], "left": [],
+    }  # fmt: skip
 
 
 def test_zoo_model_scores_images_distinctly(tmp_path, monkeypatch):

@@ -1,35 +1,24 @@
 """The model stages that a GPU check runs (images, image scores, response scores) import and run where Ray
 and vLLM are not installed: a machine that only has PyTorch and the model libraries (issue 20's GPU kit).
 
-The stages run in a subprocess whose import system refuses `ray` and `vllm`, on the paper models' twins in
-the paper's precisions (SD3 in float16, ImageReward, ArmoRM in bfloat16), called on pyarrow tables."""
+The stages run in a subprocess whose import system refuses `ray` and `vllm` (tests/without_packages.py), on the
+paper models' twins in the paper's precisions (SD3 in float16, ImageReward, ArmoRM in bfloat16), called on pyarrow
+tables."""
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from synthalign_ray import zoo
 from tests.conftest import REPO
+from tests.without_packages import command
 
 pytestmark = pytest.mark.slow
 
 WITHOUT_RAY = r'''
 import json, math, sys
-from importlib.machinery import PathFinder
-
-class WithoutRayAndVllm(PathFinder):
-    """sys.path's finder, blind to ray and vllm: `import ray` fails and find_spec says None, as where they are
-    not installed (their files stay on disk, so this is how a test can take them away)."""
-
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        return None if name.partition(".")[0] in ("ray", "vllm") else super().find_spec(name, path, target)
-
-sys.meta_path[:] = [WithoutRayAndVllm if finder is PathFinder else finder for finder in sys.meta_path]
-assert "ray" not in sys.modules and "vllm" not in sys.modules
 
 import pyarrow as pa
 from synthalign_ray.stages.image_scores import ImageScorer, ImageScoresConfig, ImageSelector
@@ -64,7 +53,7 @@ def test_image_and_score_stages_run_where_ray_and_vllm_cannot_be_imported():
     for name in ("sd3", "image-reward", "armorm"):
         zoo.build(name)  # here, with the full stack: the subprocess only loads them
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_RAY], cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600
+        command(["ray", "vllm"], "-c", WITHOUT_RAY), cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
