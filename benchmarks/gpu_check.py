@@ -225,7 +225,7 @@ def built(name: str, run: Run) -> Iterator[Path]:
         return
     layers = {} if run.layers is None else {"layers": run.layers}
     say(f"building {name} at paper scale{'' if run.layers is None else f', {run.layers} layers'}")
-    path = Path(zoo.build(name, scale="paper", device="cuda", **layers))
+    path = Path(zoo.build(name, scale="paper", device=run.sizes.device, **layers))
     say(f"built {name}: {path}")
     try:
         yield path

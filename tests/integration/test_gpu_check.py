@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from synthalign_ray.capacity.plan import load_profile
-from tests.conftest import REPO
+from tests.conftest import REPO, benchmark_script
 from tests.without_packages import command
 
 pytestmark = pytest.mark.slow
@@ -83,3 +83,22 @@ def test_profile_is_measured_and_plan_reads_it(checked):
     for stage in profile.stages:
         measured = stage.name in ("images", "image_scores", "response_scores")
         assert stage.note.startswith("measured" if measured else "estimate, not measured by gpu_check"), stage
+
+
+def test_paper_scale_image_reward_against_the_official_package(tmp_path, monkeypatch):
+    """What --tiny cannot reach, on the CPU: the paper-scale build (ViT-L/16 and BERT-base at the released widths and
+    depths, built where it runs, then deleted) and the official package scoring one image at a time on its weights."""
+    import yaml
+
+    gpu_check = benchmark_script("gpu_check")
+    monkeypatch.setenv("SYNTHALIGN_ZOO", str(tmp_path))
+    sizes = gpu_check.dataclasses.replace(gpu_check.PAPER, device="cpu", reward_pairs=4, reward_batches=(4,))
+    run = gpu_check.Run(tiny=False, layers=None, sizes=sizes, peak_tflops=None,
+                        paper=yaml.safe_load(gpu_check.PAPER_CONFIG.read_text()))  # fmt: skip
+    section = gpu_check.run_section("image_reward", run)
+    assert "error" not in section, section.get("traceback")
+    official = section["official"]
+    assert official["pairs"] == 4 and positive(official["speedup"])
+    assert official["largest_score_difference"] < 1e-4  # the same weights, batched or not
+    assert_measured(section["sweep"][0], "images_per_s")
+    assert list(tmp_path.iterdir()) == []  # the build is gone once measured

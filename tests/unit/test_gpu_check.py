@@ -2,22 +2,15 @@
 failures it reports, and the measured profile it writes for `plan`. (The whole script runs in
 tests/integration/test_gpu_check.py.)"""
 
-import importlib.util
-import sys
-
 import pytest
 import yaml
 
 from synthalign_ray.capacity.plan import load_profile, write_profile
 from synthalign_ray.train.config import load_train_config
 from synthalign_ray.train.dpo import lora_config
-from tests.conftest import REPO
+from tests.conftest import REPO, benchmark_script
 
-# benchmarks/ is not a package: load the script by its path (registered, as dataclasses look their module up).
-_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gpu_check
-_spec.loader.exec_module(gpu_check)
+gpu_check = benchmark_script("gpu_check")
 
 PAPER = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
 
