@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from synthalign_ray import store
@@ -25,6 +25,10 @@ LOST_STAGE = "ray"
 LOST_ERROR = (
     "LostBlock: the block holding this row failed after Ray's retries; the Ray logs say why; a rerun tries it again"
 )
+
+
+# A row its node was refused to write (store.write_denied): the driver records it failed, with the node and cause.
+WRITE_STAGE = "write"
 
 
 class AccountingError(RuntimeError):
@@ -49,24 +53,38 @@ def failure_report(counts: dict[str, Any], failures: dict[str, dict[str, Any]], 
     return lines
 
 
-def lost_rows(prompts, written: IdSet | store.Outcomes):
-    """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows."""
+def lost_rows(prompts, written: IdSet | store.Outcomes, denied: Mapping[str, str] | None = None):
+    """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows: by
+    `write` with the error of a row in `denied` (id -> message), else as lost with their block."""
     import pyarrow as pa
 
+    denied = denied or {}
     lost = prompts.filter(~written.contains(digests(prompts["id"].to_pylist())))
-    n = lost.num_rows
-    for name, value in (("status", STATUS_FAILED), ("failed_stage", LOST_STAGE), ("error", LOST_ERROR)):
-        lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array([value] * n, pa.string()))
+    ids = lost["id"].to_pylist()
+    columns = {
+        "status": [STATUS_FAILED] * len(ids),
+        "failed_stage": [WRITE_STAGE if i in denied else LOST_STAGE for i in ids],
+        "error": [denied.get(i, LOST_ERROR) for i in ids],
+    }
+    for name, values in columns.items():
+        lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return lost
 
 
-def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes) -> int:
-    """Writes the rows of this run that Ray gave up on (their block was lost) to `failed/`; their count."""
+def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes, denied: Mapping[str, list[str]]) -> int:
+    """Writes to `failed/` the rows of this run that are in no shard: those whose node was refused the write
+    (`denied`: message -> ids, from store.StatusSplitDatasink) and those Ray gave up on (their block was lost).
+    Their count."""
+    by_id = {row_id: message for message, ids in denied.items() for row_id in ids}
+    for message, ids in denied.items():
+        log.warning("%d rows could not be written and are recorded failed: %s", len(ids), message)
     total = 0
     for block in store.read_blocks(prompts_uri):
-        lost = lost_rows(block, written)
+        lost = lost_rows(block, written, by_id)
         if lost.num_rows:
-            log.warning("%d rows were lost with their block and are recorded failed, e.g. %s", lost.num_rows, lost["id"][:5].to_pylist())
+            with_block = [i for i in lost["id"].to_pylist() if i not in by_id]
+            if with_block:
+                log.warning("%d rows were lost with their block and are recorded failed, e.g. %s", len(with_block), with_block[:5])
             store.write_table(store.join(output, store.FOLDERS[STATUS_FAILED], store.shard_name(lost)), store.with_hf_features(lost))
             total += lost.num_rows
     return total

@@ -196,7 +196,7 @@ def run_leased(
     )
 
     waves = store.BlockFileDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
-    this_run, executions = store.empty_counts(), []
+    this_run, denied, executions = store.empty_counts(), {}, []
     if waves:
         release_freed_memory()  # what Ray's start freed
         context = ray.data.DataContext.get_current()
@@ -207,11 +207,12 @@ def run_leased(
                 log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.blocks))
             result = run_in_wave_process(cfg, wave, output, context, build)
             store.add_counts(this_run, result.counts)
+            store.add_denied(denied, result.denied)
             executions.append(result)
         ray.kill(attempts)
     execution = progress.add_run_stats([wave.stats for wave in executions])
     outcomes = store.output_counts(output, check.ids)
-    if todo and record_lost_rows(output, prompts_uri, outcomes):
+    if todo and record_lost_rows(output, prompts_uri, outcomes, denied):
         outcomes = store.output_counts(output, check.ids)
     counts = accounting(output, check, outcomes, this_run=this_run, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(

@@ -80,6 +80,7 @@ def check_chat_environment(chat_models: dict[str, ChatModelConfig]) -> None:
 @dataclass
 class WaveResult:
     counts: dict[str, dict[str, int]]  # the wave's rows by status, drop reason, failed stage (the sink's)
+    denied: dict[str, list[str]]  # rows whose node was refused the write: message -> ids (the sink's)
     stats: dict[str, Any]  # progress.run_stats of its execution
     peak_rss_mib: float  # of the process that drove it
 
@@ -116,7 +117,9 @@ def drive_wave(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: s
     sink = store.StatusSplitDatasink(output)
     dataset = build(cfg, wave)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
-    return WaveResult(counts=sink.counts, stats=progress.run_stats(dataset), peak_rss_mib=round(peak_rss_mib(), 1))
+    return WaveResult(
+        counts=sink.counts, denied=sink.denied, stats=progress.run_stats(dataset), peak_rss_mib=round(peak_rss_mib(), 1)
+    )
 
 
 def peak_rss_mib() -> float:

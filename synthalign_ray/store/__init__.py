@@ -411,34 +411,80 @@ class StatusSplitDatasink(Datasink[dict[str, dict[str, int]]]):
     reader never sees a half-written shard and a resume sees a block's rows all or not at all. A shard is
     named after the ids it holds (`shard_name`): when Ray runs a write again (its node was lost after
     the move, before Ray heard back), the same rows land on the same name, never in a second shard.
-    `write` returns row counts by status, drop reason and failed stage; Ray Data hands them to
-    `on_write_complete`, which adds them up in `self.counts` for the manifest.
+
+    `write` runs on whichever node Ray Data places it, so every node needs write access to the output. A
+    node refused it (`write_denied`: say, a node type without the bucket's identity) does not fail the
+    task, which Ray would only run again on a node as likely to be refused: its rows are returned as
+    denied, by message, and the driver records them failed (`accounting.record_lost_rows`). `write`
+    returns those and the row counts by status, drop reason and failed stage; Ray Data hands them to
+    `on_write_complete`, which adds them up in `self.counts` for the manifest and `self.denied`.
     """
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
         self.counts = empty_counts()
+        self.denied: dict[str, list[str]] = {}  # message -> ids of the rows it kept out of the output
 
     def get_name(self) -> str:
         return "StatusSplitParquet"
 
-    def write(self, blocks, ctx) -> dict[str, dict[str, int]]:
+    def write(self, blocks, ctx) -> dict[str, Any]:
         import pyarrow.compute as pc
 
-        counts = empty_counts()
+        counts, denied = empty_counts(), {}
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             for status, folder in FOLDERS.items():
                 part = table.filter(pc.equal(table.column("status"), status))
                 if not part.num_rows:
                     continue
-                write_table(join(self.output_uri, folder, shard_name(part)), with_hf_features(part))
+                try:
+                    write_table(join(self.output_uri, folder, shard_name(part)), with_hf_features(part))
+                except OSError as error:
+                    if not write_denied(error):
+                        raise
+                    denied.setdefault(denied_message(folder, error), []).extend(part.column("id").to_pylist())
+                    continue
                 add_counts(counts, status_counts(part))
-        return counts
+        return {"counts": counts, "denied": denied}
 
     def on_write_complete(self, write_result) -> None:
-        for counts in write_result.write_returns:
-            add_counts(self.counts, counts)
+        for result in write_result.write_returns:
+            add_counts(self.counts, result["counts"])
+            add_denied(self.denied, result["denied"])
+
+
+# What a file system says when this node may not write there: pyarrow's S3 (`AWS Error ACCESS_DENIED ...`
+# and the other credential errors), its GCS (gRPC's PERMISSION_DENIED, UNAUTHENTICATED), a local mount (EACCES).
+_DENIED_MARKERS = (
+    "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+
+
+def write_denied(error: OSError) -> bool:
+    """The write failed because this node's identity may not write there, which no retry on it changes."""
+    return isinstance(error, PermissionError) or any(marker in str(error) for marker in _DENIED_MARKERS)
+
+
+def denied_message(folder: str, error: OSError) -> str:
+    """A denied write's error for its rows: the node refused, the cause, the fix."""
+    import ray
+
+    where = "this process"
+    if ray.is_initialized():
+        where = f"the node at {ray.util.get_node_ip_address()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (
+        f"ShardWriteDenied: {where} may not write the output's {folder}/ ({cause}). Every node writes shards: give "
+        "each node type the output's credentials (docs/cluster.md#credentials); a rerun retries these rows"
+    )
+
+
+def add_denied(total: dict[str, list[str]], more: dict[str, list[str]]) -> None:
+    """Adds `more`'s denied rows (message -> ids) to `total`."""
+    for message, ids in more.items():
+        total.setdefault(message, []).extend(ids)
 
 
 def empty_counts() -> dict[str, dict[str, int]]:

@@ -10,6 +10,7 @@ from synthalign_ray import store
 from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.accounting import (
     LOST_STAGE,
+    WRITE_STAGE,
     AccountingError,
     accounting,
     failed_fraction,
@@ -40,6 +41,22 @@ def test_lost_rows_are_the_inputs_with_no_shard_recorded_failed():
     assert all(e.startswith("LostBlock") for e in lost.column("error").to_pylist())
     assert lost.schema == prompts(["x"]).schema  # the same columns as any input row
     assert lost_rows(prompts(["a"]), written=IdSet.of(["a"])).num_rows == 0
+
+
+def test_rows_whose_node_was_refused_the_write_are_failed_by_write_with_the_cause():
+    denied = {"b": "ShardWriteDenied: the node at 10.0.0.7 ..."}
+    lost = lost_rows(prompts(["a", "b", "c"]), written=IdSet.of(["a"]), denied=denied)
+    assert lost.column("failed_stage").to_pylist() == [WRITE_STAGE, LOST_STAGE]
+    assert lost.column("error").to_pylist()[0] == denied["b"] and lost.column("error").to_pylist()[1].startswith("LostBlock")
+
+
+def test_only_a_refusal_counts_as_a_denied_write():
+    # pyarrow's S3 and GCS errors as they read (an ACCESS_DENIED seen on moto's server with a key it does not know).
+    assert store.write_denied(OSError("When testing for existence of bucket 'b': AWS Error ACCESS_DENIED during HeadBucket operation"))
+    assert store.write_denied(OSError("google::cloud::Status(PERMISSION_DENIED: caller lacks storage.objects.create)"))
+    assert store.write_denied(PermissionError(13, "Permission denied"))
+    assert not store.write_denied(OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7"))
+    assert not store.write_denied(OSError("AWS Error SLOW_DOWN during PutObject operation"))  # Ray's retry may pass
 
 
 def test_pool_placement_reaches_ray_data():
