@@ -19,6 +19,29 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 ONE_ANSWERER = 'responses.models=[{name: llava-1.5, model: "zoo:lvlm-llava", max_tokens: 24, samples: 2, temperature: 0.7, pool: {batch_size: 2}}]'
 
 
+@pytest.fixture(scope="module")
+def module_zoo(tmp_path_factory):
+    """A zoo folder of the test module's own (SYNTHALIGN_ZOO), for modules that build models of their own."""
+    with pytest.MonkeyPatch.context() as env:
+        root = tmp_path_factory.mktemp("zoo")
+        env.setenv("SYNTHALIGN_ZOO", str(root))
+        yield root
+
+
+def cli_error_line(args: list[str]) -> str:
+    """The one `error:` line the CLI prints, last, for a user error in ARGS (exit 2, no traceback)."""
+    from typer.testing import CliRunner
+
+    from synthalign_ray.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
+    return errors[0]
+
+
 def benchmark_script(name: str):
     """benchmarks/NAME.py as a module. benchmarks/ is not a package: the script is loaded by its path and
     registered under its name (dataclasses look their module up), and benchmarks/ goes last on sys.path for

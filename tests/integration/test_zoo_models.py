@@ -30,15 +30,7 @@ OTHER_CHAT = [{"role": "user", "content": "what color is the car"}, {"role": "as
 
 
 @pytest.fixture(scope="module")
-def zoo_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:
-        root = tmp_path_factory.mktemp("zoo")
-        env.setenv("SYNTHALIGN_ZOO", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def built(zoo_root):
+def built(module_zoo):
     """name -> folder, each model built once per test module."""
     return {name: zoo.build(name) for name in LANGUAGE_MODELS}
 

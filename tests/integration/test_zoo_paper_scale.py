@@ -45,15 +45,7 @@ LLAVA_TEXT_DEFAULTS = dict(
 
 
 @pytest.fixture(scope="module")
-def zoo_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:
-        root = tmp_path_factory.mktemp("zoo")
-        env.setenv("SYNTHALIGN_ZOO", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def build(zoo_root):
+def build(module_zoo):
     """name -> its paper-scale folder. The build must make every weight in its released dtype: a float32 model cast
     on save (twice the memory, which a GPU of the paper's size may not have) fails here, by watching Module.to."""
     original_to = torch.nn.Module.to
@@ -139,10 +131,10 @@ def image(side: int) -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=generator).numpy())
 
 
-def test_folder_names_carry_scale_and_depth(zoo_root):
-    assert zoo.model_dir("sd3", scale="paper") == zoo_root / "sd3-paper"
-    assert zoo.model_dir("sd3", 3, scale="paper", layers=2) == zoo_root / "sd3-paper-L2-seed3"
-    assert zoo.model_dir("sd3") == zoo_root / "sd3"
+def test_folder_names_carry_scale_and_depth(module_zoo):
+    assert zoo.model_dir("sd3", scale="paper") == module_zoo / "sd3-paper"
+    assert zoo.model_dir("sd3", 3, scale="paper", layers=2) == module_zoo / "sd3-paper-L2-seed3"
+    assert zoo.model_dir("sd3") == module_zoo / "sd3"
     assert set(zoo.PAPER_BUILDERS) == {"sd3", "image-reward", "armorm", "lvlm-llava"}
 
 

@@ -2,10 +2,9 @@
 status 2 and no traceback: user errors derive from UserError and the CLI catches them in one place."""
 
 import pytest
-from typer.testing import CliRunner
 
-from synthalign_ray.cli import app
 from synthalign_ray.errors import UserError
+from tests.conftest import cli_error_line
 
 MISSING = "/nonexistent/synthalign"
 
@@ -35,31 +34,22 @@ MISSING_PATH_CASES = {
 }
 
 
-def _error_line(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
-    return errors[0]
-
-
 @pytest.mark.parametrize("case", sorted(MISSING_PATH_CASES))
 def test_a_missing_path_is_one_error_line_with_exit_2(case, tmp_path):
     args = [a.format(tmp=tmp_path) for a in MISSING_PATH_CASES[case]]
-    assert MISSING in _error_line(args)
+    assert MISSING in cli_error_line(args)
 
 
 def test_bad_files_are_one_error_line_with_exit_2(tmp_path):
     not_yaml = tmp_path / "config.yaml"
     not_yaml.write_text("images: [unclosed\n")
-    assert str(not_yaml) in _error_line(["generate", "-c", str(not_yaml), "-o", str(tmp_path / "run")])
+    assert str(not_yaml) in cli_error_line(["generate", "-c", str(not_yaml), "-o", str(tmp_path / "run")])
     not_json = tmp_path / "pairs.json"
     not_json.write_text("[{")
-    assert "not valid JSON" in _error_line(["import", str(not_json), "-o", str(tmp_path / "imported")])
+    assert "not valid JSON" in cli_error_line(["import", str(not_json), "-o", str(tmp_path / "imported")])
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
-    assert "no Parquet shards" in _error_line(["export", str(empty_run), "-o", str(tmp_path / "export")])
+    assert "no Parquet shards" in cli_error_line(["export", str(empty_run), "-o", str(tmp_path / "export")])
 
 
 def test_every_cli_error_class_is_a_user_error():

@@ -2,11 +2,10 @@
 four paper-scale names, a device torch can allocate on; the CLI prints each as one `error:` line with exit status 2."""
 
 import pytest
-from typer.testing import CliRunner
 
 from synthalign_ray import zoo
-from synthalign_ray.cli import app
 from synthalign_ray.errors import UserError
+from tests.conftest import cli_error_line
 
 PAPER_NAMES = ["armorm", "image-reward", "lvlm-llava", "sd3"]
 
@@ -43,17 +42,8 @@ def test_a_bad_device_is_refused(device):
         zoo.build("sd3", scale="paper", device=device, layers=1)
 
 
-def _error_line(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
-    return errors[0]
-
-
-def test_cli_bad_device_layers_and_name_are_one_error_line():
-    assert "device 'cuda:99' is not usable" in _error_line(["zoo", "build", "sd3", "--scale", "paper", "--device", "cuda:99"])
-    assert "only paper-scale builds" in _error_line(["zoo", "build", "sd3", "--layers", "2"])
-    assert "unknown paper zoo model 'clip'" in _error_line(["zoo", "build", "clip", "--scale", "paper"])
-    assert "--scale 'huge'" in _error_line(["zoo", "build", "sd3", "--scale", "huge"])
+def test_cli_bad_device_layers_and_name_are_onecli_error_line():
+    assert "device 'cuda:99' is not usable" in cli_error_line(["zoo", "build", "sd3", "--scale", "paper", "--device", "cuda:99"])
+    assert "only paper-scale builds" in cli_error_line(["zoo", "build", "sd3", "--layers", "2"])
+    assert "unknown paper zoo model 'clip'" in cli_error_line(["zoo", "build", "clip", "--scale", "paper"])
+    assert "--scale 'huge'" in cli_error_line(["zoo", "build", "sd3", "--scale", "huge"])
