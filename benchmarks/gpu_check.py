@@ -301,7 +301,7 @@ def check_images(run: Run, result: dict[str, Any]) -> None:
             result["checks"][f"{dtype} parity"] = largest <= limit_largest and mean <= limit_mean
             say(f"images {dtype}: batched {measured['speedup']:.2f}x one call per scale; pixel difference largest "
                 f"{largest} (limit {limit_largest}), mean {mean:.3f} (limit {limit_mean}); finite {finite['finite']}")
-            del stage, transformer
+            stage = transformer = None  # both dtypes' pipelines never held at once
             release_memory()
 
 
