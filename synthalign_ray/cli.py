@@ -85,7 +85,7 @@ def _check_hub(refs: dict[str, str]):
     checks = check_hub_models(refs)
     wrong = [c.line() for c in checks if c.reached and c.problem]
     if wrong:
-        raise ConfigError("; ".join(wrong))
+        raise ConfigError("\n".join(wrong))  # one line per field, as the config's validation errors
     unchecked = [c for c in checks if not c.reached]
     for c in unchecked:
         typer.echo(f"warning: {c.line()}", err=True)

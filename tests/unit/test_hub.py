@@ -1,46 +1,104 @@
 """Hub references checked before anything starts, against a local HTTP server that answers as the hub's
-API does (`GET /api/models/ID`, `GET /api/models/ID/auth-check`, errors named in `X-Error-Code`), reached
-through huggingface_hub's own client at HF_ENDPOINT: no mock of the client."""
+API does (`GET /api/models/ID[/revision/REV]`, `GET /api/models/ID/auth-check`, the tree listing and
+`/ID/resolve/SHA/FILE` that downloads read, errors named in `X-Error-Code`), reached through
+huggingface_hub's own client at HF_ENDPOINT: no mock of the client."""
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from typer.testing import CliRunner
 
 from synthalign_ray.cli import app
 from synthalign_ray.hub import check_hub_models
+from tests.conftest import REPO
 from tests.ray_head import free_port
 
 PUBLIC, GATED, MISSING = "org/public-model", "org/gated-model", "org/no-such-model"
 GRANTED_TOKEN = "hf_granted"
+# Each model's revisions (branches, tags, a pull request's ref) -> (commit sha, files at that commit).
+MAIN_SHA, V1_SHA, PR_SHA = "0" * 40, "1a" * 20, "2b" * 20
+REVISIONS = {
+    PUBLIC: {
+        "main": (MAIN_SHA, {"config.json": b'{"made_at": "main"}'}),
+        "v1": (V1_SHA, {"config.json": b'{"made_at": "v1"}'}),
+        "refs/pr/1": (PR_SHA, {"config.json": b'{"made_at": "refs/pr/1"}'}),
+    },
+    GATED: {"main": ("1" * 40, {"config.json": b"{}"})},
+}
+GATED_FLAGS = {PUBLIC: False, GATED: "manual"}
+
+
+def _commit(repo: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+    """(sha, files) of a branch, tag or commit sha of `repo`, as the hub resolves one; None if it has none."""
+    for sha, files in REVISIONS[repo].values():
+        if revision == sha:
+            return sha, files
+    return REVISIONS[repo].get(revision)
 
 
 class FakeHub(BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.do_GET()
+
     def do_GET(self):
         path = self.path.split("?")[0]
-        if path == f"/api/models/{PUBLIC}":
-            self._answer(200, {"id": PUBLIC, "sha": "0" * 40, "private": False, "gated": False})
-        elif path == f"/api/models/{GATED}":
-            self._answer(200, {"id": GATED, "sha": "1" * 40, "private": False, "gated": "manual"})
-        elif path == f"/api/models/{GATED}/auth-check":
-            if self.headers.get("authorization") == f"Bearer {GRANTED_TOKEN}":
+        repo = next((r for r in REVISIONS if path.startswith((f"/api/models/{r}", f"/{r}/"))), None)
+        api = f"/api/models/{repo}"
+        if repo is None:
+            self._answer(404, {"error": "Repository not found"}, "RepoNotFound")
+        elif path == f"{api}/auth-check":
+            if not GATED_FLAGS[repo] or self.headers.get("authorization") == f"Bearer {GRANTED_TOKEN}":
                 self._answer(200, {})
             else:
-                self._answer(403, {"error": "Access to model org/gated-model is restricted."}, "GatedRepo")
+                self._answer(403, {"error": f"Access to model {repo} is restricted."}, "GatedRepo")
+        elif path == api or path.startswith(f"{api}/revision/"):
+            # model_info: the default branch, or `revision/REV` (huggingface_hub quotes REV whole: refs%2Fpr%2F1)
+            revision = unquote(path[len(f"{api}/revision/") :]) if path != api else "main"
+            commit = _commit(repo, revision)
+            if commit is None:
+                self._answer(404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound")
+                return
+            sha, files = commit
+            siblings = [{"rfilename": name} for name in files]
+            self._answer(200, {"id": repo, "sha": sha, "private": False, "gated": GATED_FLAGS[repo], "siblings": siblings})
+        elif path.startswith(f"{api}/tree/"):  # snapshot_download's file listing, at the resolved sha
+            commit = _commit(repo, unquote(path[len(f"{api}/tree/") :]))
+            if commit is None:
+                self._answer(404, {"error": "Invalid rev id"}, "RevisionNotFound")
+                return
+            listing = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()} for name, data in commit[1].items()]
+            self._answer(200, listing)
+        elif path.startswith(f"/{repo}/resolve/"):  # a file at a revision: hf_hub_download's HEAD, then GET
+            revision, _, filename = path[len(f"/{repo}/resolve/") :].partition("/")
+            commit = _commit(repo, unquote(revision))
+            if commit is None or filename not in commit[1]:
+                self._answer(404, {"error": "Entry not found"}, "EntryNotFound")
+                return
+            data = commit[1][filename]
+            self._send(200, data, "application/octet-stream", {"X-Repo-Commit": commit[0], "ETag": f'"{commit[0][:8]}-{filename}"'})
         else:
             self._answer(404, {"error": "Repository not found"}, "RepoNotFound")
 
-    def _answer(self, status: int, body: dict, error_code: str | None = None):
-        data = json.dumps(body).encode()
+    def _answer(self, status: int, body, error_code: str | None = None):
+        self._send(status, json.dumps(body).encode(), "application/json", {"X-Error-Code": error_code} if error_code else {})
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str]):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        if error_code:
-            self.send_header("X-Error-Code", error_code)
+        for key, value in headers.items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def log_message(self, *args):
         pass
@@ -122,3 +180,75 @@ def test_commands_that_load_models_refuse_a_missing_hub_model_before_starting(hu
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"error: {field}: hub model '{MISSING}' does not exist on {hub}" in result.output
     assert not (tmp_path / "run").exists()  # generate wrote nothing: not even the run folder
+
+
+def test_a_pinned_revision_passes_and_a_missing_one_is_named(hub, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    found = checks(
+        hub, tag=f"{PUBLIC}@v1", sha=f"{PUBLIC}@{V1_SHA}", pr=f"{PUBLIC}@refs/pr/1", branch=f"{PUBLIC}@main", missing=f"{PUBLIC}@v9"
+    )
+    assert {field: found[field] for field in ("tag", "sha", "pr", "branch")} == {f: (None, True) for f in ("tag", "sha", "pr", "branch")}
+    assert found["missing"] == (f"has no revision 'v9' on {hub} (branches, tags and commit shas are accepted)", True)
+    # A missing repository is named as one, whatever revision it is pinned at.
+    assert checks(hub, judge=f"{MISSING}@v1")["judge"][0].startswith(f"does not exist on {hub}")
+
+
+def test_config_validate_refuses_a_missing_revision_one_line_per_field(hub, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    monkeypatch.setenv("HF_ENDPOINT", hub)
+    validate = ["config", "validate", "configs/tiny.yaml", "--set", f"response_scores.model={PUBLIC}@v9", "--set", f"image_scores.clip={PUBLIC}@v8"]
+    result = CliRunner().invoke(app, validate)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = result.output.splitlines()
+    assert f"error: image_scores.clip: hub model '{PUBLIC}@v8' has no revision 'v8' on {hub} (branches, tags and commit shas are accepted)" in lines
+    assert f"response_scores.model: hub model '{PUBLIC}@v9' has no revision 'v9' on {hub} (branches, tags and commit shas are accepted)" in lines
+
+    result = CliRunner().invoke(app, ["config", "validate", "configs/tiny.yaml", "--set", f"response_scores.model={PUBLIC}@v1"])
+    assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("configs/tiny.yaml: ok"), result.output
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with `env` over this one's: huggingface_hub reads HF_ENDPOINT, the
+    cache folders and HF_HUB_OFFLINE when it is imported, as it does in a run's processes."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    environ.update(PYTHONPATH=str(REPO), **env)
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+
+
+def test_a_pinned_reference_loads_that_revision_and_offline_needs_it_cached(hub, tmp_path):
+    """resolve_model_path downloads the pinned revision's files (not the default branch's) through
+    huggingface_hub's snapshot_download from the hub at HF_ENDPOINT; offline, a config may then name
+    that revision (by tag or sha) but not one the cache lacks."""
+    cache = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    loaded = _python(
+        "import json, sys; from pathlib import Path; from synthalign_ray.base import resolve_model_path\n"
+        "for ref in sys.argv[1:] or ['org/public-model@v1', 'org/public-model']:\n"
+        "    folder = resolve_model_path(ref)\n"
+        "    print(json.dumps([folder, json.loads((Path(folder) / 'config.json').read_text())]))",
+        HF_ENDPOINT=hub, **cache,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    (v1_folder, v1_config), (main_folder, main_config) = (json.loads(line) for line in loaded.stdout.splitlines())
+    assert v1_config == {"made_at": "v1"} and Path(v1_folder).name == V1_SHA
+    assert main_config == {"made_at": "main"} and Path(main_folder).name == MAIN_SHA
+    assert v1_folder.startswith(cache["HF_HUB_CACHE"])
+
+    offline = _python(
+        "from synthalign_ray.base import check_model_ref\n"
+        f"for ref in ['{PUBLIC}@v1', '{PUBLIC}@{V1_SHA}', '{PUBLIC}', '{PUBLIC}@refs/pr/1', '{PUBLIC}@{PR_SHA}']:\n"
+        "    try:\n"
+        "        print(check_model_ref(ref), 'ok')\n"
+        "    except ValueError as error:\n"
+        "        print(error)",
+        HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", **cache,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.splitlines() == [
+        f"{PUBLIC}@v1 ok",
+        f"{PUBLIC}@{V1_SHA} ok",
+        f"{PUBLIC} ok",
+        f"hub model '{PUBLIC}' at revision 'refs/pr/1' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+        f"hub model '{PUBLIC}' at revision '{PR_SHA}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+    ]
