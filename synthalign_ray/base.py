@@ -156,16 +156,22 @@ def local_model_folder(ref: str) -> Path | None:
     return local if local.exists() else None
 
 
-def resolve_model_path(ref: str) -> str:
+# Weight files of a hub repository, left out of a download that needs only a model's configs and
+# tokenizer/processor files (`resolve_model_path(ref, weights=False)`).
+WEIGHT_FILES = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx"]
+
+
+def resolve_model_path(ref: str, *, weights: bool = True) -> str:
     """The local folder behind a model reference (builds zoo models, fetches hub ids into the HF cache of
-    this node: the whole repository at the reference's revision, else at its default branch)."""
+    this node: the whole repository, or with `weights=False` all but its weight files, at the reference's
+    revision, else at its default branch)."""
     local = Path(model_source(ref)).expanduser()
     if local.exists():
         return str(local)
     from huggingface_hub import snapshot_download
 
     repo_id, revision = split_revision(ref)
-    return snapshot_download(repo_id, revision=revision)
+    return snapshot_download(repo_id, revision=revision, ignore_patterns=None if weights else WEIGHT_FILES)
 
 
 class ReplicasConfig(StrictModel):

@@ -28,7 +28,7 @@ MAIN_SHA, V1_SHA, PR_SHA = "0" * 40, "1a" * 20, "2b" * 20
 REVISIONS = {
     PUBLIC: {
         "main": (MAIN_SHA, {"config.json": b'{"made_at": "main"}'}),
-        "v1": (V1_SHA, {"config.json": b'{"made_at": "v1"}'}),
+        "v1": (V1_SHA, {"config.json": b'{"made_at": "v1"}', "model.safetensors": b"weights of v1"}),
         "refs/pr/1": (PR_SHA, {"config.json": b'{"made_at": "refs/pr/1"}'}),
     },
     GATED: {"main": ("1" * 40, {"config.json": b"{}"})},
@@ -219,21 +219,23 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_a_pinned_reference_loads_that_revision_and_offline_needs_it_cached(hub, tmp_path):
     """resolve_model_path downloads the pinned revision's files (not the default branch's) through
-    huggingface_hub's snapshot_download from the hub at HF_ENDPOINT; offline, a config may then name
-    that revision (by tag or sha) but not one the cache lacks."""
+    huggingface_hub's snapshot_download from the hub at HF_ENDPOINT, all but the weights with
+    weights=False (what the pinned chat-template UDF reads); offline, a config may then name that
+    revision (by tag or sha) but not one the cache lacks."""
     cache = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
     loaded = _python(
-        "import json, sys; from pathlib import Path; from synthalign_ray.base import resolve_model_path\n"
-        "for ref in sys.argv[1:] or ['org/public-model@v1', 'org/public-model']:\n"
-        "    folder = resolve_model_path(ref)\n"
-        "    print(json.dumps([folder, json.loads((Path(folder) / 'config.json').read_text())]))",
+        "import json; from pathlib import Path; from synthalign_ray.base import resolve_model_path\n"
+        f"for ref, weights in [('{PUBLIC}@v1', False), ('{PUBLIC}@v1', True), ('{PUBLIC}', True)]:\n"
+        "    folder = Path(resolve_model_path(ref, weights=weights))\n"
+        "    print(json.dumps([str(folder), sorted(p.name for p in folder.iterdir()), json.loads((folder / 'config.json').read_text())]))",
         HF_ENDPOINT=hub, **cache,
     )
     assert loaded.returncode == 0, loaded.stderr
-    (v1_folder, v1_config), (main_folder, main_config) = (json.loads(line) for line in loaded.stdout.splitlines())
-    assert v1_config == {"made_at": "v1"} and Path(v1_folder).name == V1_SHA
-    assert main_config == {"made_at": "main"} and Path(main_folder).name == MAIN_SHA
-    assert v1_folder.startswith(cache["HF_HUB_CACHE"])
+    no_weights, v1, main = (json.loads(line) for line in loaded.stdout.splitlines())
+    assert no_weights == [v1[0], ["config.json"], {"made_at": "v1"}]
+    assert v1[1:] == [["config.json", "model.safetensors"], {"made_at": "v1"}] and Path(v1[0]).name == V1_SHA
+    assert main[1:] == [["config.json"], {"made_at": "main"}] and Path(main[0]).name == MAIN_SHA
+    assert v1[0].startswith(cache["HF_HUB_CACHE"])
 
     offline = _python(
         "from synthalign_ray.base import check_model_ref\n"
