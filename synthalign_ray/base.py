@@ -146,6 +146,13 @@ def pretrained_source(ref: str) -> tuple[str, dict[str, str]]:
     return repo_id, ({"revision": revision} if revision else {})
 
 
+def adapter_base(adapter_config: dict) -> str | None:
+    """The base model a PEFT adapter_config.json names: its base_model_name_or_path, pinned at its
+    `revision` (which training records for a pinned hub model) as `org/name@REV`."""
+    base, revision = adapter_config.get("base_model_name_or_path"), adapter_config.get("revision")
+    return f"{base}{REVISION_SEPARATOR}{revision}" if base and revision and is_hub_id(base) else base
+
+
 def local_model_folder(ref: str) -> Path | None:
     """The folder of a model already on this machine's disk without building or downloading anything: a
     built zoo model or a local folder. None for a hub id and a zoo model not built yet."""

@@ -286,19 +286,22 @@ def train(
 def merge(
     adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (OUTPUT/adapter of a training run)")],
     output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for the merged model")],
-    base: Annotated[Optional[str], typer.Option("--base", help="base model (default: the adapter's base_model_name_or_path)")] = None,
+    base: Annotated[
+        Optional[str],
+        typer.Option("--base", help="base model (default: the adapter's base_model_name_or_path, @ its revision if it records one)"),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16")] = "auto",
 ):
     """Merge a LoRA adapter into its base model, saved in the HF format vLLM serves (with processor files)."""
     from pathlib import Path
 
-    from synthalign_ray.base import resolve_model_path
+    from synthalign_ray.base import adapter_base, resolve_model_path
     from synthalign_ray.train.merge import merge_adapter
 
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         _fail(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base = base or adapter_base(json.loads(config_file.read_text()))
     if not base:
         _fail(f"{config_file}: no base_model_name_or_path; pass --base")
     merge_adapter(resolve_model_path(base), adapter, output, dtype=dtype)

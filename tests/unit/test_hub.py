@@ -243,7 +243,9 @@ def test_a_pinned_reference_loads_that_revision_and_offline_needs_it_cached(hub,
         "    try:\n"
         "        print(check_model_ref(ref), 'ok')\n"
         "    except ValueError as error:\n"
-        "        print(error)",
+        "        print(error)\n"
+        "from synthalign_ray.stages.response_scores import _local_config_json\n"  # the remote-code check reads it
+        f"print([_local_config_json(ref) for ref in ['{PUBLIC}@v1', '{PUBLIC}', '{PUBLIC}@refs/pr/1']])",
         HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", **cache,
     )
     assert offline.returncode == 0, offline.stderr
@@ -253,4 +255,48 @@ def test_a_pinned_reference_loads_that_revision_and_offline_needs_it_cached(hub,
         f"{PUBLIC} ok",
         f"hub model '{PUBLIC}' at revision 'refs/pr/1' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
         f"hub model '{PUBLIC}' at revision '{PR_SHA}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+        "[{'made_at': 'v1'}, {'made_at': 'main'}, None]",
     ]
+
+
+LVLM = "org/lvlm"
+
+
+def test_training_and_merging_load_a_pinned_base_at_its_revision(hub, tmp_path, monkeypatch):
+    """A tiny LVLM served at `v1` while its default branch holds a config no LVLM loader accepts: the
+    train driver's LoRA check (config only), the worker's model load, and `synthalign merge` of an
+    adapter made on it all load v1. The adapter records the revision (adapter_config.json `revision`),
+    so merge finds the pinned base by itself."""
+    from synthalign_ray import zoo
+
+    folder = zoo.build("lvlm-llava")
+    files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    monkeypatch.setitem(REVISIONS, LVLM, {"main": ("3" * 40, {"config.json": b'{"model_type": "bert"}'}), "v1": ("4c" * 20, files)})
+    monkeypatch.setitem(GATED_FLAGS, LVLM, False)
+    script = f"""
+import json, sys
+from synthalign_ray.train.config import load_train_config
+from synthalign_ray.train.dpo import load_model, lora_config
+from synthalign_ray.train.trainer import check_lora_on_meta
+
+cfg = load_train_config({str(REPO / "configs" / "train_tiny.yaml")!r}, ["model={LVLM}@v1"])
+print(len(check_lora_on_meta(cfg.model, cfg)))  # the driver: v1's config.json only
+model = load_model(cfg.model, cfg)  # the worker
+print(model.name_or_path, type(model).__name__)
+from peft import get_peft_model
+get_peft_model(model, lora_config(cfg)).save_pretrained({str(tmp_path / "adapter")!r})
+"""
+    environ = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub"), "SYNTHALIGN_ZOO": os.environ["SYNTHALIGN_ZOO"]}
+    trained = _python(script, **environ)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.splitlines() == ["14", f"{LVLM} LlavaForConditionalGeneration"]
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (LVLM, "v1")
+
+    merged = _python(
+        f"import sys; from synthalign_ray.cli import main; sys.argv = ['synthalign', 'merge', {str(tmp_path / 'adapter')!r}, '-o', {str(tmp_path / 'merged')!r}]; main()",
+        **environ,
+    )
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert f"{LVLM}@v1 + {tmp_path / 'adapter'} merged" in merged.stdout
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llava"
