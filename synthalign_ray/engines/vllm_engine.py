@@ -117,7 +117,7 @@ def build_engine_processor(
     """A `ray.data.llm` Processor over a vLLM engine pool with this project's CPU/GPU defaults.
 
     Args:
-        model: a local model folder, a hub id, or `zoo:NAME`.
+        model: a local model folder, a hub id (`org/name@REV`: vLLM loads that revision), or `zoo:NAME`.
         preprocess / postprocess: Ray's row functions (see `ray.data.llm.build_processor`): preprocess
             output is merged into the row (it must hold `messages` and `sampling_params`, e.g. from
             `image_chat_request`), postprocess returns the output row of every row without an error.
@@ -280,7 +280,7 @@ def build_vision_language_processor(
     """A `ray.data.llm` Processor: `processor(ds)` answers each row's prompt about its image.
 
     Args:
-        model: a local model folder, a hub id, or `zoo:NAME`.
+        model: a local model folder, a hub id (`org/name@REV`: vLLM loads that revision), or `zoo:NAME`.
         prompt_column / image_column: input columns; the image is an HF datasets Image struct
             (`{"bytes": ..., "path": ...}`, bytes preferred, path read when bytes are missing).
         carry_columns: input columns copied to the output rows (e.g. the row id).
