@@ -69,12 +69,21 @@ class FakeHub(BaseHTTPRequestHandler):
             sha, files = commit
             siblings = [{"rfilename": name} for name in files]
             self._answer(200, {"id": repo, "sha": sha, "private": False, "gated": GATED_FLAGS[repo], "siblings": siblings})
-        elif path.startswith(f"{api}/tree/"):  # snapshot_download's file listing, at the resolved sha
-            commit = _commit(repo, unquote(path[len(f"{api}/tree/") :]))
+        elif path.startswith(f"{api}/tree/"):  # a folder's listing (tree/REV[/FOLDER]; REV is quoted whole)
+            revision, _, folder = path[len(f"{api}/tree/") :].partition("/")
+            commit = _commit(repo, unquote(revision))
             if commit is None:
                 self._answer(404, {"error": "Invalid rev id"}, "RevisionNotFound")
                 return
-            listing = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()} for name, data in commit[1].items()]
+            prefix = f"{unquote(folder)}/" if folder else ""
+            listing = [
+                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for name, data in commit[1].items()
+                if name.startswith(prefix)
+            ]
+            if folder and not listing:
+                self._answer(404, {"error": f"{unquote(folder)} does not exist"}, "EntryNotFound")
+                return
             self._answer(200, listing)
         elif path.startswith(f"/{repo}/resolve/"):  # a file at a revision: hf_hub_download's HEAD, then GET
             revision, _, filename = path[len(f"/{repo}/resolve/") :].partition("/")
@@ -280,16 +289,18 @@ from synthalign_ray.train.dpo import load_model, lora_config
 from synthalign_ray.train.trainer import check_lora_on_meta
 
 cfg = load_train_config({str(REPO / "configs" / "train_tiny.yaml")!r}, ["model={LVLM}@v1"])
-print(len(check_lora_on_meta(cfg.model, cfg)))  # the driver: v1's config.json only
+print("=", len(check_lora_on_meta(cfg.model, cfg)))  # the driver: v1's config.json only
 model = load_model(cfg.model, cfg)  # the worker
-print(model.name_or_path, type(model).__name__)
+print("=", model.name_or_path, type(model).__name__)
 from peft import get_peft_model
 get_peft_model(model, lora_config(cfg)).save_pretrained({str(tmp_path / "adapter")!r})
+from synthalign_ray.train.merge import merge_adapter  # the worker's merge at the end of a run (write_outputs)
+merge_adapter(cfg.model, {str(tmp_path / "adapter")!r}, {str(tmp_path / "merged-on-worker")!r})
 """
     environ = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub"), "SYNTHALIGN_ZOO": os.environ["SYNTHALIGN_ZOO"]}
     trained = _python(script, **environ)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert trained.stdout.splitlines() == ["14", f"{LVLM} LlavaForConditionalGeneration"]
+    assert [line for line in trained.stdout.splitlines() if line.startswith("= ")] == ["= 14", f"= {LVLM} LlavaForConditionalGeneration"]
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (adapter["base_model_name_or_path"], adapter["revision"]) == (LVLM, "v1")
 
@@ -300,3 +311,36 @@ get_peft_model(model, lora_config(cfg)).save_pretrained({str(tmp_path / "adapter
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert f"{LVLM}@v1 + {tmp_path / 'adapter'} merged" in merged.stdout
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llava"
+    assert json.loads((tmp_path / "merged-on-worker" / "config.json").read_text())["model_type"] == "llava"
+
+
+CHAT = "org/chat-model"
+
+
+def test_the_pinned_chat_template_udf_renders_with_that_revisions_template(hub, tmp_path, monkeypatch):
+    """The vLLM processor's chat-template actor for `org/chat-model@v1` downloads v1's files but the
+    weights and renders with v1's chat template, not the default branch's."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    revisions = {}
+    for revision, sha in (("main", "5" * 40), ("v1", "6d" * 20)):
+        folder = tmp_path / revision
+        words = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+        template = "{% for m in messages %}<" + revision + ":{{ m['content'] }}>{% endfor %}"
+        PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", chat_template=template).save_pretrained(folder)
+        files = {path.name: path.read_bytes() for path in folder.iterdir()}
+        revisions[revision] = (sha, {**files, "model.safetensors": b"weights"})
+    monkeypatch.setitem(REVISIONS, CHAT, revisions)
+    monkeypatch.setitem(GATED_FLAGS, CHAT, False)
+    rendered = _python(
+        "from pathlib import Path; from synthalign_ray import ray_private\n"
+        f"udf = ray_private.pinned_chat_template_udf()('__data', ['messages'], '{CHAT}@v1')\n"
+        "print(udf.processor.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False))\n"
+        "print(sorted(p.name for p in Path(udf.processor.name_or_path).iterdir()))",
+        HF_ENDPOINT=hub, HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"),
+    )
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    template, files = rendered.stdout.splitlines()[-2:]
+    assert template == "<v1:hi>"
+    assert "model.safetensors" not in files and "tokenizer.json" in files
