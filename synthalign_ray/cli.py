@@ -314,7 +314,7 @@ def merge(
 @app.command()
 def evaluate(
     config: Annotated[str, typer.Option("--config", "-c", help="evaluation YAML config (configs/eval_tiny.yaml)")],
-    model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id or zoo:NAME")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id (org/name[@REVISION]) or zoo:NAME")],
     output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for metrics, predictions, comparison")],
     benchmarks: Annotated[str, typer.Option("--benchmarks", "-b", help="comma-separated: pope, chair, mmhal, amber")] = "pope",
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder applied to --model (merged first)")] = None,

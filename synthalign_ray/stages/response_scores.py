@@ -77,7 +77,7 @@ _PROBE = ("Describe the image.", "A dog runs in a park.")
 
 class ResponseScoresConfig(StrictModel):
     model: ModelRef = Field(
-        description="reward model: zoo:NAME, local folder or hub id (paper: RLHFlow/ArmoRM-Llama3-8B-v0.1)"
+        description="reward model: zoo:NAME, local folder or hub id (org/name[@REVISION]; paper: RLHFlow/ArmoRM-Llama3-8B-v0.1)"
     )
     trust_remote_code: bool = Field(
         False,
