@@ -85,7 +85,7 @@ def _check_hub(refs: dict[str, str]):
     checks = check_hub_models(refs)
     wrong = [c.line() for c in checks if c.reached and c.problem]
     if wrong:
-        raise ConfigError("; ".join(wrong))
+        raise ConfigError("\n".join(wrong))  # one line per field, as the config's validation errors
     unchecked = [c for c in checks if not c.reached]
     for c in unchecked:
         typer.echo(f"warning: {c.line()}", err=True)
@@ -286,19 +286,22 @@ def train(
 def merge(
     adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (OUTPUT/adapter of a training run)")],
     output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for the merged model")],
-    base: Annotated[Optional[str], typer.Option("--base", help="base model (default: the adapter's base_model_name_or_path)")] = None,
+    base: Annotated[
+        Optional[str],
+        typer.Option("--base", help="base model (default: the adapter's base_model_name_or_path, @ its revision if it records one)"),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16")] = "auto",
 ):
     """Merge a LoRA adapter into its base model, saved in the HF format vLLM serves (with processor files)."""
     from pathlib import Path
 
-    from synthalign_ray.base import resolve_model_path
+    from synthalign_ray.base import adapter_base, resolve_model_path
     from synthalign_ray.train.merge import merge_adapter
 
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         _fail(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base = base or adapter_base(json.loads(config_file.read_text()))
     if not base:
         _fail(f"{config_file}: no base_model_name_or_path; pass --base")
     merge_adapter(resolve_model_path(base), adapter, output, dtype=dtype)
@@ -311,7 +314,7 @@ def merge(
 @app.command()
 def evaluate(
     config: Annotated[str, typer.Option("--config", "-c", help="evaluation YAML config (configs/eval_tiny.yaml)")],
-    model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id or zoo:NAME")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model to evaluate: merged model folder, hub id (org/name[@REVISION]) or zoo:NAME")],
     output: Annotated[str, typer.Option("--output", "-o", help="folder or URI for metrics, predictions, comparison")],
     benchmarks: Annotated[str, typer.Option("--benchmarks", "-b", help="comma-separated: pope, chair, mmhal, amber")] = "pope",
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder applied to --model (merged first)")] = None,

@@ -1,5 +1,6 @@
 """The hub models a config names, checked before anything starts: each exists on the hub (`HF_ENDPOINT`,
-else huggingface.co), and a gated one has a token with access. A typo in a hub id or a missing token
+else huggingface.co), at its revision where the reference pins one (`org/name@REVISION`), and a gated one
+has a token with access. A typo in a hub id or a missing token
 otherwise shows only when a GPU actor first loads the model, after the cluster has scaled up.
 
 Where the hub cannot be reached, every hub reference is reported as not checked, never as fine. Under
@@ -12,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from synthalign_ray.base import hub_offline, is_hub_id
+from synthalign_ray.base import hub_offline, is_hub_id, split_revision
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 10.0
@@ -51,19 +52,22 @@ def check_hub_models(refs: Mapping[str, str], *, environ: Mapping[str, str] = os
 
 def _check(api, endpoint: str, ref: str, token: str | None) -> tuple[str | None, bool]:
     import httpx2  # huggingface_hub 2's HTTP client: its transport errors (refused, timed out, DNS)
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    page = f"{endpoint}/{ref}"
+    repo_id, revision = split_revision(ref)
+    page = f"{endpoint}/{repo_id}"
     try:
-        info = api.model_info(ref, timeout=TIMEOUT_S, token=token or False)
+        info = api.model_info(repo_id, revision=revision, timeout=TIMEOUT_S, token=token or False)
         if info.gated and not token:
             return f"is gated: accept its conditions at {page}, then set HF_TOKEN (resources.secret_env: [HF_TOKEN] forwards it to the workers)", True
         if info.gated:
-            api.auth_check(ref, token=token)
+            api.auth_check(repo_id, token=token)
         return None, True
     except GatedRepoError:
         return f"is gated and HF_TOKEN's account has no access: accept its conditions at {page}", True
     except RepositoryNotFoundError:
         return f"does not exist on {endpoint} (or it is private and HF_TOKEN is not set or has no access)", True
+    except RevisionNotFoundError:
+        return f"has no revision {revision!r} on {endpoint} (branches, tags and commit shas are accepted)", True
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
         return f"not checked: {endpoint} could not be reached ({type(error).__name__})", False

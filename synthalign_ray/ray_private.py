@@ -11,6 +11,8 @@ The private uses:
 3. `set_processor_stage_udf`: a `ray.data.llm` processor's stage gets another UDF (its `stages` dict).
 4. `vllm_engine_udf` / `multi_sample_vllm_engine_udf`: subclasses of Ray's vLLM stage UDF
    (`ray.llm._internal`) that override `_generate_with_error_handling` and `udf`.
+   `pinned_chat_template_udf`: a subclass of Ray's chat-template stage UDF that loads a pinned hub model's
+   processor files (`org/name@REV`) at that revision.
 5. `object_store_bytes_used`: the object store's bytes in use, for the pipeline benchmark (`ray._private`).
 6. `RELAY_PREFIX`: the prefix Ray's driver prints before each line it relays from a worker
    (`ray._private.worker.print_worker_logs`), which the console sorts its output by.
@@ -88,6 +90,23 @@ def vllm_engine_udf(prompt_token_ids: Callable[[str, Any], list[int] | None]) ->
             return await super()._generate_with_error_handling(row, batch_uuid)
 
     return EngineUDF
+
+
+@functools.cache
+def pinned_chat_template_udf() -> type:
+    """Ray's chat-template stage UDF for a hub model pinned as `org/name@REV` (the stage's `model`): the
+    files of that revision but its weights are downloaded on the actor's node, and Ray's UDF loads the
+    processor from that folder. Ray's own passes the model to `AutoProcessor.from_pretrained` with no
+    revision, so it would render prompts with the default branch's chat template."""
+    from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateUDF
+
+    from synthalign_ray.base import resolve_model_path
+
+    class PinnedChatTemplateUDF(ChatTemplateUDF):
+        def __init__(self, data_column: str, expected_input_keys: list[str], model: str, *args, **kwargs):
+            super().__init__(data_column, expected_input_keys, resolve_model_path(model, weights=False), *args, **kwargs)
+
+    return PinnedChatTemplateUDF
 
 
 @functools.cache

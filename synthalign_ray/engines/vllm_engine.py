@@ -45,7 +45,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from synthalign_ray import ray_private
-from synthalign_ray.base import ReplicasConfig, model_source
+from synthalign_ray.base import ReplicasConfig, model_source, split_revision
 from synthalign_ray.hf_image import decode_image
 
 # GiB of KV cache per CPU engine when neither the caller's runtime_env nor the driver's environment sets
@@ -117,7 +117,7 @@ def build_engine_processor(
     """A `ray.data.llm` Processor over a vLLM engine pool with this project's CPU/GPU defaults.
 
     Args:
-        model: a local model folder, a hub id, or `zoo:NAME`.
+        model: a local model folder, a hub id (`org/name@REV`: vLLM loads that revision), or `zoo:NAME`.
         preprocess / postprocess: Ray's row functions (see `ray.data.llm.build_processor`): preprocess
             output is merged into the row (it must hold `messages` and `sampling_params`, e.g. from
             `image_chat_request`), postprocess returns the output row of every row without an error.
@@ -146,6 +146,10 @@ def build_engine_processor(
         )
     if images_per_prompt:
         engine.setdefault("limit_mm_per_prompt", {"image": images_per_prompt})
+    source = model_source(model)
+    repo_id, revision = split_revision(source)
+    if revision:
+        pin_engine_revision(engine, revision)
     workers = engine["tensor_parallel_size"] * engine.get("pipeline_parallel_size", 1)
 
     num_gpus = pool.num_gpus
@@ -164,8 +168,12 @@ def build_engine_processor(
     # variable the job's runtime env sets too; the job's value reaches the engines anyway.
     env = {key: value for key, value in env.items() if key not in ray_private.submitted_job_env_vars()}
 
+    chat_template_stage = {"num_cpus": LIGHT_STAGE_CPUS, "chat_template": chat_template}
+    if revision:
+        chat_template_stage["model_source"] = source  # org/name@REV: the pinned UDF below downloads it
     config = vLLMEngineProcessorConfig(
-        model_source=model_source(model),
+        # The repo id: vLLM fetches the weights on the engine's node, at engine_kwargs' revision.
+        model_source=repo_id,
         engine_kwargs=engine,
         batch_size=pool.batch_size,
         concurrency=(pool.min_actors, pool.max_actors),
@@ -176,7 +184,7 @@ def build_engine_processor(
         # True needs ray[serve] and a metrics port; batch jobs read Ray Data's own stats instead.
         log_engine_metrics=False,
         prepare_multimodal_stage=False,
-        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS, "chat_template": chat_template},
+        chat_template_stage=chat_template_stage,
         tokenize_stage=False,
         detokenize_stage=False,
     )
@@ -193,10 +201,22 @@ def build_engine_processor(
     else:
         udf = ray_private.vllm_engine_udf(chat_prompt_token_ids)
     ray_private.set_processor_stage_udf(processor, name, udf)
+    if revision:
+        # Ray's chat-template UDF loads the processor with no revision (the default branch's template).
+        chat = next(name for name in processor.list_stage_names() if name.startswith("ChatTemplateStage"))
+        ray_private.set_processor_stage_udf(processor, chat, ray_private.pinned_chat_template_udf())
     if label:
         for key in processor.list_stage_names():
             ray_private.set_processor_stage_udf(processor, key, labelled(processor.get_stage_by_name(key).fn, label))
     return processor
+
+
+def pin_engine_revision(engine: dict[str, Any], revision: str) -> None:
+    """Pin vLLM's weights, tokenizer and remote code (`vllm.EngineArgs` revision, tokenizer_revision,
+    code_revision) to the model reference's revision; engine_kwargs naming another one is refused."""
+    for key in ("revision", "tokenizer_revision", "code_revision"):
+        if engine.setdefault(key, revision) != revision:
+            raise ValueError(f"engine_kwargs.{key} ({engine[key]!r}) differs from the model's @{revision}; pin it in the model only")
 
 
 def cpu_engine_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -260,7 +280,7 @@ def build_vision_language_processor(
     """A `ray.data.llm` Processor: `processor(ds)` answers each row's prompt about its image.
 
     Args:
-        model: a local model folder, a hub id, or `zoo:NAME`.
+        model: a local model folder, a hub id (`org/name@REV`: vLLM loads that revision), or `zoo:NAME`.
         prompt_column / image_column: input columns; the image is an HF datasets Image struct
             (`{"bytes": ..., "path": ...}`, bytes preferred, path read when bytes are missing).
         carry_columns: input columns copied to the output rows (e.g. the row id).

@@ -53,7 +53,7 @@ class ChatModelConfig(StrictModel):
 
     backend: Literal["vllm", "openai"] = "vllm"
     model: str = Field(
-        description="vllm: zoo:NAME, a local folder or a hub id; openai: the model name the endpoint serves"
+        description="vllm: zoo:NAME, a local folder or a hub id (org/name[@REVISION]); openai: the model name the endpoint serves"
     )
     base_url: str | None = Field(None, description="openai: the endpoint's base URL, e.g. http://localhost:8000/v1")
     api_key_env: str | None = Field(

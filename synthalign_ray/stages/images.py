@@ -26,7 +26,7 @@ from synthalign_ray.stages.prompts import image_seed
 
 
 class ImagesConfig(StrictModel):
-    model: ModelRef = Field(description="diffusers text-to-image pipeline: zoo:NAME, local folder or hub id")
+    model: ModelRef = Field(description="diffusers text-to-image pipeline: zoo:NAME, local folder or hub id (org/name[@REVISION])")
     guidance_scales: list[float] = Field([5.0, 7.0, 9.0, 11.0], min_length=1)
     steps: int = Field(28, ge=1, description="denoising steps")
     height: int | None = Field(None, ge=8, description="pixels; None = the pipeline's default")

@@ -36,7 +36,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from synthalign_ray.stages.common import ActorPoolConfig, RowStage
-from synthalign_ray.base import ZOO_PREFIX, ModelRef, StrictModel, local_model_folder, resolve_model_path
+from synthalign_ray.base import ZOO_PREFIX, ModelRef, StrictModel, local_model_folder, resolve_model_path, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ _PROBE = ("Describe the image.", "A dog runs in a park.")
 
 class ResponseScoresConfig(StrictModel):
     model: ModelRef = Field(
-        description="reward model: zoo:NAME, local folder or hub id (paper: RLHFlow/ArmoRM-Llama3-8B-v0.1)"
+        description="reward model: zoo:NAME, local folder or hub id (org/name[@REVISION]; paper: RLHFlow/ArmoRM-Llama3-8B-v0.1)"
     )
     trust_remote_code: bool = Field(
         False,
@@ -255,7 +255,8 @@ def _local_config_json(ref: str) -> dict[str, Any] | None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(ref, "config.json")
+            repo_id, revision = split_revision(ref)
+            cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
             path = Path(cached) if isinstance(cached, str) else None
         except Exception:
             path = None

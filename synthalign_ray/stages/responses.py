@@ -61,7 +61,7 @@ class ResponseModelConfig(StrictModel):
     """One answering LVLM: its vLLM engine pool and sampling settings."""
 
     name: str = Field(description="label stored with each answer; default: derived from the model reference")
-    model: ModelRef = Field(description="LVLM served by vLLM: zoo:NAME, local folder or hub id")
+    model: ModelRef = Field(description="LVLM served by vLLM: zoo:NAME, local folder or hub id (org/name[@REVISION])")
     max_tokens: int = Field(256, ge=1, description="answer length limit, in tokens")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)

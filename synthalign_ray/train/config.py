@@ -113,7 +113,7 @@ MOVED = {
 
 
 class TrainConfig(StrictModel):
-    model: ModelRef = Field(description="base LVLM: zoo:NAME, a local folder, or a hub id")
+    model: ModelRef = Field(description="base LVLM: zoo:NAME, a local folder, or a hub id (org/name[@REVISION])")
     finetune: Literal["lora", "full"] = Field(
         "lora",
         description="lora: reference = base with adapters disabled; full: the language model trained (vision tower and "

@@ -86,6 +86,8 @@ def policy_and_reference(model_path: str, cfg: TrainConfig):
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
+    from synthalign_ray.base import split_revision
+
     lora = cfg.lora
     return LoraConfig(
         r=lora.r,
@@ -94,6 +96,9 @@ def lora_config(cfg: TrainConfig):
         target_modules=lora.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
+        # The base's pinned revision, saved in adapter_config.json next to base_model_name_or_path (the
+        # repo id): PEFT loads that revision for the adapter, and `synthalign merge` merges into it.
+        revision=split_revision(cfg.model)[1],
     )
 
 
@@ -158,11 +163,15 @@ def dpo_args(cfg: TrainConfig, output_dir: str, max_steps: int | None = None):
 
 
 def load_model(path: str, cfg: TrainConfig):
+    """The LVLM at `path`: a folder, or a hub id (`org/name@REV` loads that revision)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from synthalign_ray.base import pretrained_source
+
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    source, pinned = pretrained_source(path)
+    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **pinned)
 
 
 def report_checkpoint_callback():
@@ -285,16 +294,18 @@ def train_worker(job: dict[str, Any]) -> None:
     from transformers import AutoProcessor, TrainerState, set_seed
     from trl import DPOTrainer
 
-    from synthalign_ray.base import model_source
+    from synthalign_ray.base import model_source, pretrained_source
     from synthalign_ray.train import data
     from synthalign_ray.train.log import step_records
 
     started = time.time()
     cfg = TrainConfig.model_validate(job["config"])
     rank = ray.train.get_context().get_world_rank()
-    # Resolved on the worker's node: a hub id downloads into that node's HF cache, a zoo model is built there.
+    # Resolved on the worker's node: a hub id downloads into that node's HF cache (at its revision where
+    # pinned: org/name@REV), a zoo model is built there.
     model_path = model_source(cfg.model)
-    processor = AutoProcessor.from_pretrained(model_path)
+    source, pinned = pretrained_source(model_path)
+    processor = AutoProcessor.from_pretrained(source, **pinned)
     dataset = data.load_pairs(job["files"], job["image_column"])
     if job["skip_rows"]:
         skip = set(job["skip_rows"])

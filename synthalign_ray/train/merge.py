@@ -29,18 +29,21 @@ def upload_dir(local: str, uri: str) -> None:
 
 
 def merge_adapter(base_model: str, adapter: str, output: str, dtype: str = "auto") -> str:
-    """Load the base (a local folder or hub id), apply the adapter folder, merge, save to OUTPUT (a local
-    folder or URI) with the processor; returns OUTPUT. The processor comes from the adapter folder if it
-    has one (training saves it there), else from the base."""
+    """Load the base (a local folder, or a hub id: `org/name@REV` loads that revision), apply the adapter
+    folder, merge, save to OUTPUT (a local folder or URI) with the processor; returns OUTPUT. The
+    processor comes from the adapter folder if it has one (training saves it there), else from the base."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from synthalign_ray.base import pretrained_source
+
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch_dtype)
+    source, pinned = pretrained_source(base_model)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **pinned)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     has_processor = (Path(adapter) / "processor_config.json").is_file() or (Path(adapter) / "preprocessor_config.json").is_file()
-    processor = AutoProcessor.from_pretrained(adapter if has_processor else base_model)
+    processor = AutoProcessor.from_pretrained(adapter) if has_processor else AutoProcessor.from_pretrained(source, **pinned)
     if "://" not in output:
         merged.save_pretrained(output)
         processor.save_pretrained(output)

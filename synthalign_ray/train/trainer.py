@@ -30,7 +30,7 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from synthalign_ray import store
-from synthalign_ray.base import model_source
+from synthalign_ray.base import model_source, pretrained_source
 from synthalign_ray.errors import UserError
 from synthalign_ray.train import data as train_data
 from synthalign_ray.train.config import TrainConfig
@@ -66,12 +66,14 @@ def storage_path(cfg: TrainConfig, output: str) -> str:
 
 
 def check_lora_on_meta(model_path: str, cfg: TrainConfig) -> list[str]:
-    """LoRA target modules of the model, matched on an empty (meta-device) instance of its architecture."""
+    """LoRA target modules of the model (a folder, or a hub id pinned or not: only its config is read),
+    matched on an empty (meta-device) instance of its architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    source, pinned = pretrained_source(model_path)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source, **pinned))
     return lora_targets(model, cfg)
 
 
@@ -97,12 +99,14 @@ def _claim_output(cfg: TrainConfig, data: str, output: str, overwrite: bool) -> 
 
 
 def prepare(cfg: TrainConfig, data: str) -> tuple[str, train_data.DataReport]:
-    """Everything checked before workers start; returns the model path or hub id and the data report.
-    Only the processor and config files are read here: the driver never downloads the weights."""
+    """Everything checked before workers start; returns the model path or hub id (`org/name@REV` where
+    pinned) and the data report. Only the processor and config files are read here, at the pinned
+    revision: the driver never downloads the weights."""
     from transformers import AutoProcessor
 
     model_path = model_source(cfg.model)
-    processor = AutoProcessor.from_pretrained(model_path)
+    source, pinned = pretrained_source(model_path)
+    processor = AutoProcessor.from_pretrained(source, **pinned)
     report = train_data.check_pairs(
         data, processor, cfg.model, cfg.trl_args()["max_length"], cfg.too_long, cfg.prompt_format
     )

@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from synthalign_ray.base import is_hub_id, pretrained_source, split_revision
 from synthalign_ray.config import ConfigError, load_config, parse_override
 from tests.conftest import REPO
 
@@ -30,6 +31,10 @@ def test_overrides_are_yaml_values():
         ("images.steps=zero", "images.steps: Input should be a valid integer"),
         ("images.model=./missing/model", "images.model: model path './missing/model' does not exist"),
         ("images.model=zoo:nope", "images.model: unknown zoo model 'nope'"),
+        ("images.model=zoo:diffusion@v1", "images.model: zoo model 'zoo:diffusion@v1': a zoo model takes no @REVISION"),
+        ("images.model=./missing/model@v1", "images.model: model path './missing/model@v1' does not exist (a local folder takes no @REVISION"),
+        ("response_scores.model=org/name@", "response_scores.model: hub model 'org/name@': nothing after @"),
+        ("response_scores.model=org/name@a b", "response_scores.model: hub model 'org/name@a b': 'a b' is not a revision"),
         ("image_scores.pool.min_actors=3", "image_scores.pool: min_actors (3) > max_actors (1)"),
         ("image_scores.select_by=clip", None),
         ("prompts.path=/no/such/file.jsonl", "prompts.path: input file '/no/such/file.jsonl' does not exist"),
@@ -59,6 +64,42 @@ def test_hub_id_must_be_cached_when_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
         load_config(TINY, ["images.model=stabilityai/stable-diffusion-3-medium-diffusers"])
+
+
+@pytest.mark.parametrize(
+    "ref, repo_id, revision, hub",
+    [
+        ("org/name", "org/name", None, True),
+        ("gpt2", "gpt2", None, True),
+        ("org/name@v1.0", "org/name", "v1.0", True),
+        ("org/name@main", "org/name", "main", True),
+        ("org/name@" + "0a" * 20, "org/name", "0a" * 20, True),
+        ("org/name@refs/pr/1", "org/name", "refs/pr/1", True),  # a pull request's ref, as HfFileSystem paths write it
+        ("org/name@", "org/name", "", False),  # nothing pinned
+        ("org/name@a@b", "org/name", "a@b", False),
+        ("org/name@/main", "org/name", "/main", False),
+        ("zoo:diffusion@v1", "zoo:diffusion@v1", None, False),  # zoo names and paths take no revision
+        ("./model@v1", "./model@v1", None, False),
+        ("/models/x@v1", "/models/x@v1", None, False),
+    ],
+)
+def test_split_revision_and_is_hub_id(ref, repo_id, revision, hub):
+    assert split_revision(ref) == (repo_id, revision)
+    assert is_hub_id(ref) is hub
+
+
+def test_a_pinned_hub_id_validates_and_a_local_folder_takes_no_revision(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = load_config(TINY, ["response_scores.model=org/name@refs/pr/1", "images.model=org/diffusion@" + "0a" * 20])
+    assert cfg.response_scores.model == "org/name@refs/pr/1"  # kept whole: the manifest says what made the data
+    assert pretrained_source(cfg.response_scores.model) == ("org/name", {"revision": "refs/pr/1"})
+    assert pretrained_source("org/name") == ("org/name", {})
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # `models/mine` is a local folder here, so `models/mine@v1` is no hub id
+    assert not is_hub_id("models/mine@v1")
+    with pytest.raises(ConfigError, match=r"images.model: model path 'models/mine@v1' does not exist \(a local folder takes no @REVISION"):
+        load_config(TINY, ["images.model=models/mine@v1"])
+    assert pretrained_source(str(tmp_path / "models" / "mine")) == (str(tmp_path / "models" / "mine"), {})
 
 
 def test_unreadable_and_malformed_files(tmp_path):

@@ -165,3 +165,58 @@ def test_private_ray_is_reached_from_ray_private_only():
             offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {name}" for name in names
                           if name.startswith(private_modules) or (name.startswith("ray.") and "._" in name)]
     assert offenders == []
+
+
+def test_pinned_chat_template_udf_hands_rays_udf_the_revisions_folder(tmp_path):
+    """The subclass keeps Ray's constructor (data column, input keys, model, ...) and Ray's UDF loads the
+    processor from the folder `resolve_model_path(model, weights=False)` gives: here a local one."""
+    from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateStage, ChatTemplateUDF
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    assert list(inspect.signature(ChatTemplateUDF.__init__).parameters)[:4] == ["self", "data_column", "expected_input_keys", "model"]
+    assert ChatTemplateStage.model_fields["fn"].default is ChatTemplateUDF
+    pinned = ray_private.pinned_chat_template_udf()
+    assert issubclass(pinned, ChatTemplateUDF)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", chat_template=template).save_pretrained(tmp_path)
+    udf = pinned("__data", ["messages"], str(tmp_path))
+    assert udf.processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<hi>"
+
+
+def test_a_pinned_hub_model_reaches_vllm_as_repo_id_and_revision(processor, monkeypatch):
+    """`org/name@v1`: Ray's processor gets the repo id, vLLM's engine args the revision (weights,
+    tokenizer, remote code), and the chat-template stage the pinned reference and the pinned UDF. Ray's
+    driver reads the model's config for its telemetry (non-fatal): offline, so that it asks no hub."""
+    from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateUDF
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    pinned = vllm_engine.build_engine_processor(
+        "org/public-model@v1",
+        preprocess=lambda row: row,
+        postprocess=lambda row: row,
+        pool=vllm_engine.VLLMPoolConfig(num_gpus=0),
+        label="pinned",
+    )
+    stages = {name.split("_")[0]: pinned.get_stage_by_name(name) for name in pinned.list_stage_names()}
+    engine, chat = stages["vLLMEngineStage"], stages["ChatTemplateStage"]
+    assert engine.fn_constructor_kwargs["model"] == "org/public-model"
+    assert {key: engine.fn_constructor_kwargs["engine_kwargs"][key] for key in ("revision", "tokenizer_revision", "code_revision")} == {
+        "revision": "v1", "tokenizer_revision": "v1", "code_revision": "v1"
+    }
+    assert chat.fn_constructor_kwargs["model"] == "org/public-model@v1"
+    assert issubclass(chat.fn, ray_private.pinned_chat_template_udf()) and chat.fn.__name__ == "PinnedChatTemplateUDF[pinned]"
+
+    # Unpinned (the fixture's processor): Ray's own chat-template UDF, no revision for vLLM.
+    names = processor.list_stage_names()
+    unpinned = {name.split("_")[0]: processor.get_stage_by_name(name) for name in names}
+    assert "revision" not in unpinned["vLLMEngineStage"].fn_constructor_kwargs["engine_kwargs"]
+    assert not issubclass(unpinned["ChatTemplateStage"].fn, ray_private.pinned_chat_template_udf())
+    assert issubclass(unpinned["ChatTemplateStage"].fn, ChatTemplateUDF)
+
+    with pytest.raises(ValueError, match=r"engine_kwargs.revision \('v2'\) differs from the model's @v1"):
+        vllm_engine.build_engine_processor(
+            "org/public-model@v1", preprocess=lambda row: row, postprocess=lambda row: row,
+            pool=vllm_engine.VLLMPoolConfig(num_gpus=0), engine_kwargs={"revision": "v2"},
+        )  # fmt: skip
