@@ -467,6 +467,16 @@ def write_denied(error: OSError) -> bool:
     return isinstance(error, PermissionError) or any(marker in str(error) for marker in _DENIED_MARKERS)
 
 
+def denial_in(errors: Iterable[BaseException]) -> str | None:
+    """The first line saying that storage refused this identity, in ERRORS' messages (errors relayed from other
+    processes, as Ray Train's worker failures, may arrive as other types with the message inside); None if none."""
+    for error in errors:
+        for line in str(error).splitlines():
+            if any(marker in line for marker in _DENIED_MARKERS) or (isinstance(error, PermissionError) and line):
+                return line.strip()
+    return None
+
+
 def denied_message(folder: str, error: OSError) -> str:
     """A denied write's error for its rows: the node refused, the cause, the fix."""
     import ray

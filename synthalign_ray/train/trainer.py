@@ -174,7 +174,20 @@ def train(
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        failures = [*getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", error)]
+        denied = store.denial_in(failures)
+        if denied is None:
+            raise
+        # Refused by the output's storage: the node's identity, not the code, is what must change.
+        raise TrainRunError(
+            f"training stopped: a node running it may not write its output ({denied}). Ray Train's workers write "
+            f"checkpoints to {storage_path(cfg, output)} and rank 0 the adapter: give each node type that runs "
+            "training workers the output's credentials (docs/cluster.md#credentials); a rerun resumes from the last "
+            "checkpoint"
+        ) from None
     seconds = time.monotonic() - started
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None

@@ -4,7 +4,7 @@ it, as a GPU node type launched with a read-only role (AmazonS3ReadOnlyAccess, r
 
 The bucket is moto's S3 server with its IAM on: after the set-up, every request must be signed with an access
 key made here, and one whose policy lacks the action is refused with ACCESS_DENIED, as S3 refuses it. The head
-has no CPUs, so every stage and every shard write runs on the worker node."""
+has no CPUs, so every stage, every shard write and every training worker runs on the worker node."""
 
 import contextlib
 import json
@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthalign_ray import store
+from synthalign_ray.ray_private import RELAY_PREFIX
+from synthalign_ray.train.fixture import write_pairs
 from tests.conftest import ONE_ANSWERER, REPO
 from tests.integration.test_object_storage import BUCKET, local_s3_server
 from tests.ray_head import local_ray_head
@@ -52,27 +54,37 @@ def bucket_that_checks_credentials():
             moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
 
 
-def test_rows_a_node_may_not_write_are_failed_with_that_node_and_the_cause(monkeypatch):
-    with bucket_that_checks_credentials() as (endpoint, credentials):
-        writer = credentials["writer"]
+@pytest.fixture(scope="module")
+def cluster():
+    """The bucket, and a cluster of a head with the writer's identity (and no CPUs) and a worker node with the
+    reader's; yields (the head, the bucket's endpoint, both identities' credentials). This process, as the
+    driver, has the writer's."""
+    with bucket_that_checks_credentials() as (endpoint, credentials), pytest.MonkeyPatch.context() as env:
         for name in AWS_KEYS:
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            env.delenv(name, raising=False)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name, value in credentials["writer"].items():
+            env.setenv(name, value)
         with local_ray_head(num_cpus=0) as head:
-            # The worker node's identity may read the bucket (the prompts file), not write it.
             joined = head.add_node(4, {**head.env, **credentials["reader"]})
             assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
-            output = f"s3://{BUCKET}/run?endpoint_override={endpoint}&scheme=http"
-            command = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", "configs/tiny.yaml",
-                       "--output", output, "--set", f"resources.ray_address={head.address}", "--set", ONE_ANSWERER]  # fmt: skip
-            # The driver's process, on the head, has the writer's identity.
-            run = subprocess.run(command, cwd=REPO, env={**head.env, **writer}, capture_output=True, text=True, timeout=900)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", writer["AWS_ACCESS_KEY_ID"])  # this process reads the bucket
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", writer["AWS_SECRET_ACCESS_KEY"])
-        manifest = store.read_json(store.join(output, store.MANIFEST))
-        fs, _ = store.filesystem(output)
-        failed = [row for shard in store.list_shards(store.join(output, "failed"))
-                  for row in pq.read_table(shard, columns=["id", "failed_stage", "error"], filesystem=fs).to_pylist()]  # fmt: skip
+            yield head, endpoint, credentials
+
+
+def run_cli(head, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "synthalign_ray.cli", *args]
+    return subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=900)
+
+
+def test_rows_a_node_may_not_write_are_failed_with_that_node_and_the_cause(cluster):
+    head, endpoint, _ = cluster
+    output = f"s3://{BUCKET}/run?endpoint_override={endpoint}&scheme=http"
+    run = run_cli(head, "generate", "--config", "configs/tiny.yaml", "--output", output,
+                  "--set", f"resources.ray_address={head.address}", "--set", ONE_ANSWERER)  # fmt: skip
+    manifest = store.read_json(store.join(output, store.MANIFEST))
+    fs, _ = store.filesystem(output)
+    failed = [row for shard in store.list_shards(store.join(output, "failed"))
+              for row in pq.read_table(shard, columns=["id", "failed_stage", "error"], filesystem=fs).to_pylist()]  # fmt: skip
 
     log = run.stdout + run.stderr
     # More rows failed than resources.max_failed_fraction allows: exit 1, the cause on the console, no traceback.
@@ -92,3 +104,20 @@ def test_rows_a_node_may_not_write_are_failed_with_that_node_and_the_cause(monke
         nodes.add(refused[1])
         assert "AWS Error ACCESS_DENIED during PutObject" in row["error"] and "docs/cluster.md#credentials" in row["error"]
     assert len(nodes) == 1  # the reader's node, where every write ran
+
+
+def test_training_on_a_node_that_may_not_write_stops_with_one_error_line(cluster, tmp_path):
+    """Ray Train's worker (on the reader's node: the head has no CPUs) writes the checkpoints and the attempts file:
+    refused, the run ends with the cause and the fix on one line, exit 2, instead of Ray Train's traceback."""
+    head, endpoint, _ = cluster
+    data = write_pairs(str(tmp_path / "pairs"), 4)
+    output = f"s3://{BUCKET}/dpo?endpoint_override={endpoint}&scheme=http"
+    run = run_cli(head, "train", "--config", "configs/train_tiny.yaml", "--data", data, "--output", output,
+                  "--set", f"run.ray_address={head.address}", "--set", "run.max_failures=0", "--set", "merge=false")  # fmt: skip
+    assert run.returncode == 2, run.stderr[-6000:]
+    # The driver's own lines: Ray relays the workers' (and their tracebacks) with a prefix.
+    driver = [line for line in run.stderr.splitlines() if not RELAY_PREFIX.match(line)]
+    assert "Traceback" not in "\n".join(driver), run.stderr[-6000:]
+    (error,) = [line for line in driver if line.startswith("error:")]
+    assert error.startswith("error: training stopped: a node running it may not write its output (")
+    assert "AWS Error ACCESS_DENIED" in error and "docs/cluster.md#credentials" in error

@@ -59,6 +59,16 @@ def test_only_a_refusal_counts_as_a_denied_write():
     assert not store.write_denied(OSError("AWS Error SLOW_DOWN during PutObject operation"))  # Ray's retry may pass
 
 
+def test_a_denial_is_found_in_errors_relayed_as_other_types():
+    # As Ray Train hands back a worker's failure: its traceback text inside another exception.
+    relayed = RuntimeError("Traceback (most recent call last):\n  ...\nOSError: When creating key 'dpo/' in bucket 'b': "
+                           "AWS Error ACCESS_DENIED during PutObject operation: Access Denied\n")  # fmt: skip
+    found = store.denial_in([ValueError("unrelated"), relayed])
+    assert found == "OSError: When creating key 'dpo/' in bucket 'b': AWS Error ACCESS_DENIED during PutObject operation: Access Denied"
+    assert store.denial_in([PermissionError(13, "Permission denied", "/mnt/runs/x")]) == "[Errno 13] Permission denied: '/mnt/runs/x'"
+    assert store.denial_in([RuntimeError("CUDA out of memory"), OSError("AWS Error NETWORK_CONNECTION")]) is None
+
+
 def test_pool_placement_reaches_ray_data():
     pool = ActorPoolConfig(num_gpus=1, accelerator_type="A100", resources={"diffusion_node": 1})
     kwargs = pool.map_batches_kwargs()
