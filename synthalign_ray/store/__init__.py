@@ -464,30 +464,33 @@ _DENIED_MARKERS = (
 
 def write_denied(error: OSError) -> bool:
     """The write failed because this node's identity may not write there, which no retry on it changes."""
-    return isinstance(error, PermissionError) or any(marker in str(error) for marker in _DENIED_MARKERS)
+    return denial_in([error]) is not None
 
 
 def denial_in(errors: Iterable[BaseException]) -> str | None:
-    """The first line saying that storage refused this identity, in ERRORS' messages (errors relayed from other
-    processes, as Ray Train's worker failures, may arrive as other types with the message inside); None if none."""
+    """The line saying that storage refused this identity, in ERRORS' messages (errors relayed from other
+    processes, as Ray Train's worker failures, may arrive as other types with the message inside): a
+    PermissionError's first line, else the first line with a refusal's marker; None if there is none."""
     for error in errors:
-        for line in str(error).splitlines():
-            if any(marker in line for marker in _DENIED_MARKERS) or (isinstance(error, PermissionError) and line):
-                return line.strip()
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if isinstance(error, PermissionError):
+            return lines[0] if lines else type(error).__name__
+        refused = next((line for line in lines if any(marker in line for marker in _DENIED_MARKERS)), None)
+        if refused:
+            return refused
     return None
 
 
 def denied_message(folder: str, error: OSError) -> str:
-    """A denied write's error for its rows: the node refused, the cause, the fix."""
+    """A denied write's error for its rows: the node refused, the refusal (`denial_in`), the fix."""
     import ray
 
     where = "this process"
     if ray.is_initialized():
         where = f"the node at {ray.util.get_node_ip_address()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
-    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return (
-        f"ShardWriteDenied: {where} may not write the output's {folder}/ ({cause}). Every node writes shards: give "
-        "each node type the output's credentials (docs/cluster.md#credentials); a rerun retries these rows"
+        f"ShardWriteDenied: {where} may not write the output's {folder}/ ({denial_in([error])}). Every node writes "
+        "shards: give each node type the output's credentials (docs/cluster.md#credentials); a rerun retries these rows"
     )
 
 
