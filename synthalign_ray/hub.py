@@ -1,7 +1,7 @@
 """The hub models a config names, checked before anything starts: each exists on the hub (`HF_ENDPOINT`,
 else huggingface.co), at its revision where the reference pins one (`org/name@REVISION`), and a gated one
-has a token with access. A typo in a hub id or a missing token
-otherwise shows only when a GPU actor first loads the model, after the cluster has scaled up.
+has a token with access. A typo in a hub id or a missing token otherwise shows only when a GPU actor first
+loads the model, after the cluster has scaled up.
 
 Where the hub cannot be reached, every hub reference is reported as not checked, never as fine. Under
 `HF_HUB_OFFLINE` nothing is asked: the config's validation already required each one in the local cache.
