@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthalign_ray import store
+from synthalign_ray.checkpoints import TODO_DIR
 from synthalign_ray.config import load_config
 from synthalign_ray.capacity.calibrate import stages_alone
 from synthalign_ray.progress import StageStats
@@ -155,7 +156,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     operators = [StageStats(**stage) for stage in result.manifest["operators"] if stage["rows_in"] is not None]
     pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
 
-    alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, store.PROMPTS_FILE))), str(work / "stages-alone"))
+    alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, TODO_DIR, "0.arrow"))), str(work / "stages-alone"))
     slowest = min(alone, key=lambda s: s.rows_per_s)
     shared_bound = 1 / sum(1 / s.rows_per_s for s in alone)
     same = sorted(ids_written(output)) == sorted(ids_written(str(work / "stages-alone")))

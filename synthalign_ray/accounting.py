@@ -15,7 +15,7 @@ from typing import Any
 from synthalign_ray import store
 from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
 from synthalign_ray.ids import IdSet, digests
-from synthalign_ray.stages.prompts import PromptCheck
+from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def lost_rows(prompts, written: IdSet | store.Outcomes, denied: Mapping[str, str
     import pyarrow as pa
 
     denied = denied or {}
+    prompts = prompts.select(INPUT_SCHEMA.names)  # without a group's `checkpoint:` columns
     lost = prompts.filter(~written.contains(digests(prompts["id"].to_pylist())))
     ids = lost["id"].to_pylist()
     columns = {
@@ -71,7 +72,7 @@ def lost_rows(prompts, written: IdSet | store.Outcomes, denied: Mapping[str, str
     return lost
 
 
-def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes, denied: Mapping[str, list[str]]) -> int:
+def record_lost_rows(output: str, prompts_uris: list[str], written: store.Outcomes, denied: Mapping[str, list[str]]) -> int:
     """Writes to `failed/` the rows of this run that are in no shard: those whose node was refused the write
     (`denied`: message -> ids, from store.StatusSplitDatasink) and those Ray gave up on (their block was lost).
     Their count."""
@@ -79,7 +80,7 @@ def record_lost_rows(output: str, prompts_uri: str, written: store.Outcomes, den
     for message, ids in denied.items():
         log.warning("%d rows could not be written and are recorded failed: %s", len(ids), message)
     total = 0
-    for block in store.read_blocks(prompts_uri):
+    for block in (block for uri in prompts_uris for block in store.read_blocks(uri)):
         lost = lost_rows(block, written, by_id)
         if lost.num_rows:
             with_block = [i for i in lost["id"].to_pylist() if i not in by_id]

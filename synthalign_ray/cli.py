@@ -165,19 +165,36 @@ def generate(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="show Ray's, vLLM's and the models' logs too (else only in OUTPUT/logs/)")
     ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only print, per model stage, the rows it would compute and reuse")
+    ] = False,
 ):
-    """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes."""
+    """Generate the preference dataset of a config into OUTPUT; rerunning the same command resumes, and a
+    changed config reuses every stage it leaves unchanged."""
     from synthalign_ray.console import run_console
     from synthalign_ray.pipeline import generate as run
-    from synthalign_ray.pipeline import model_refs
+    from synthalign_ray.pipeline import model_refs, stage_operators
     from synthalign_ray.stages import graph
 
     cfg = _load(config, overrides)
+    if dry_run:
+        return _print_dry_run(cfg, output)
     _check_hub(model_refs(cfg))  # before anything starts: not when the first GPU actor loads the model
-    stages = [(stage.name, stage.operators) for stage in graph.build(cfg)]
+    stages = stage_operators(graph.build(cfg))
     with run_console(output, "generate", stages, verbose) as log:
         result = run(cfg, output, config_source=config, overwrite=overwrite, force_unlock=force_unlock)
         _report_run(cfg, output, result, log)
+
+
+def _print_dry_run(cfg, output: str) -> None:
+    from synthalign_ray.pipeline import dry_run
+
+    plan = dry_run(cfg, output)
+    typer.echo(f"{output}: {plan.rows} rows, {plan.done} done, {plan.rows - plan.done} to do ({plan.generation} generation)")
+    width = max(len(name) for name in plan.stages)
+    typer.echo(f"{'stage'.ljust(width)}  computed  reused")
+    for name, counts in plan.stages.items():
+        typer.echo(f"{name.ljust(width)}  {counts['computed']:8d}  {counts['reused']:6d}")
 
 
 def _report_run(cfg, output: str, result, log: str | None) -> None:
@@ -253,6 +270,20 @@ def repair(
     )
     if result.duplicate_ids:
         typer.echo(f"ids that were duplicated: {result.duplicate_ids[:10]}{' ...' if len(result.duplicate_ids) > 10 else ''}")
+
+
+@app.command()
+def gc(
+    output: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
+    force_unlock: Annotated[
+        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
+    ] = False,
+):
+    """Remove a run folder's older generations (generations/) and the stage-store entries its current one does not use."""
+    from synthalign_ray.generations import collect_garbage
+
+    removed = collect_garbage(output, force_unlock=force_unlock)
+    typer.echo(f"{output}: removed {removed['generations']} files of older generations, {removed['stage_entries']} unused stage-store shards")
 
 
 # --- DPO training (issue 4): `synthalign train` and `synthalign merge` --------------------------------

@@ -21,6 +21,12 @@ def digests(ids: Iterable[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype=DIGEST)
 
 
+def row_keys(ids: Iterable[str], categories: Iterable[str], prompts: Iterable[str]) -> np.ndarray:
+    """A prompt row's key in the stage checkpoints: the digest of its id with the inputs every stage sees
+    (category, text-to-image prompt), so an entry never outlives a change to its prompt."""
+    return digests("\x1f".join(parts) for parts in zip(ids, categories, prompts))
+
+
 def locate(sorted_unique: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each of `values`: its index in `sorted_unique` (a sorted array without repeats), and whether
     it is there (where not, the index means nothing)."""

@@ -17,6 +17,13 @@ output reads the ids of `pairs/` and `dropped/` (each shard is moved into place 
 leaves whole shards or none), feeds only the other prompts through, and removes the old `failed/`
 shards first since those rows are tried again. The manifest is rebuilt from the shards at the end,
 with a check that no id occurs twice and that input = pairs + dropped + failed (`accounting.py`).
+
+Stage checkpoints (`checkpoints.py`): each model-backed stage also commits its columns per row to
+`stages/`, and the rows to do take from there every stage whose entry is still valid, so a killed run,
+a failed row or a changed config never computes a row's stage twice. A changed config makes a new
+generation: the output's `pairs/`, `dropped/`, `failed/` and manifest move to `generations/<fingerprint>/`
+(and that config's own generation, if one is there, moves back), and its rows are done again from the
+stage store.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from synthalign_ray import progress, store
+from synthalign_ray import checkpoints, progress, store
 from synthalign_ray.accounting import accounting, failed_fraction, record_lost_rows
 from synthalign_ray.config import ConfigError, SynthAlignConfig
 from synthalign_ray.engines.vllm_engine import LIGHT_STAGE_CPUS
@@ -46,6 +53,8 @@ from synthalign_ray.stages.common import start_batch_attempts
 from synthalign_ray.base import STATUS_FAILED, model_source
 from synthalign_ray.stages.instructions import missing_instructions
 from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck, check_prompts, prompt_rows, valid_ids, with_status_columns
+from synthalign_ray.generations import generation_folder, start_generation
+from synthalign_ray.store.stage_store import STAGES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +102,10 @@ def prompt_blocks(prompts: store.BlockFileDatasource):
     return ray.data.read_datasource(prompts, override_num_blocks=max(1, len(prompts.blocks)), num_cpus=LIGHT_STAGE_CPUS)
 
 
-def build_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource):
-    """The method over (a wave of) the run's prompts file (`prompt_blocks`): its stages (`stages.graph`),
-    applied in turn."""
-    ds = prompt_blocks(prompts)
-    for stage in graph.build(cfg):
-        ds = stage.apply(ds)
-    return ds
+def build_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource, commits: checkpoints.StageCommits | None = None):
+    """The method over (a wave of) a group's prompt file (`prompt_blocks`): its stages (`stages.graph`),
+    applied in turn, each committed stage restored or run and committed as `commits` says."""
+    return checkpoints.apply_stages(prompt_blocks(prompts), graph.build(cfg), commits)
 
 
 def config_fingerprint(cfg: SynthAlignConfig) -> str:
@@ -107,37 +113,7 @@ def config_fingerprint(cfg: SynthAlignConfig) -> str:
     how many prompts of the file were taken (growing a dataset with a higher limit is a resume), and the
     report settings."""
     data = cfg.model_dump(mode="json", exclude={"resources": True, "report": True, "prompts": {"limit", "on_bad_rows"}})
-    return hashlib.sha256(json.dumps(_without_pools(data), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _without_pools(data: Any) -> Any:
-    """The config without any `pool` section, however deep (replicas and devices never change rows)."""
-    if isinstance(data, dict):
-        return {key: _without_pools(value) for key, value in data.items() if key != "pool"}
-    if isinstance(data, list):
-        return [_without_pools(item) for item in data]
-    return data
-
-
-def check_same_config(cfg: SynthAlignConfig, output: str, overwrite: bool) -> None:
-    """Refuse to resume an output made with a different config (unless `overwrite`: start afresh)."""
-    manifest_uri = store.join(output, store.MANIFEST)
-    try:
-        previous = store.read_json(manifest_uri)
-    except FileNotFoundError:
-        previous = None
-    has_shards = any(store.list_shards(store.join(output, folder)) for folder in store.FOLDERS.values())
-    if overwrite:
-        for folder in store.FOLDERS.values():
-            store.remove_shards(store.join(output, folder))
-        return
-    if has_shards and previous is None:
-        raise ConfigError(f"{output} holds shards but no {store.MANIFEST}: not a run folder of this tool? (--overwrite to replace)")
-    if previous is not None and previous.get("config_fingerprint") != config_fingerprint(cfg):
-        raise ConfigError(
-            f"{output} was generated with a different config (fingerprint {previous.get('config_fingerprint')} "
-            f"vs {config_fingerprint(cfg)}); use another --output, or --overwrite to start it afresh"
-        )
+    return hashlib.sha256(json.dumps(checkpoints.without_pools(data), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def generate(
@@ -174,9 +150,11 @@ def run_leased(
     """generate()'s part that writes to the output: under its lease, after the inputs were checked."""
     import ray
 
-    check_same_config(cfg, output, overwrite)
-    prompts_uri = store.join(output, store.PROMPTS_FILE)
-    todo = write_todo_prompts(cfg, check, output, prompts_uri)
+    archived = start_generation(output, config_fingerprint(cfg), overwrite)
+    stages = graph.build(cfg)
+    fingerprints = checkpoints.fingerprints(stages, cfg.seed)
+    plan = write_todo_prompts(cfg, check, output, stages, fingerprints)
+    todo = sum(group.rows for group in plan.groups)
     release_freed_memory()  # before Ray's start, which would otherwise grow the heap past it
     # The manifest goes first, so a killed run can be resumed (and is checked against) its config.
     manifest = {
@@ -186,7 +164,11 @@ def run_leased(
         "models": model_refs(cfg),
         "versions": store.package_versions(),
         "rejected_inputs": [{"line": b.line, "reason": b.reason} for b in check.bad],
-        "outputs": {**{status: folder for status, folder in store.FOLDERS.items()}, "prompts": store.PROMPTS_FILE},
+        "outputs": {**{status: folder for status, folder in store.FOLDERS.items()}, "prompts": checkpoints.TODO_DIR, "stages": STAGES_DIR},
+        # Per committed stage: its fingerprint, and of this run's rows those that run it and those that
+        # take it from the stage store.
+        "checkpoints": plan.stages,
+        "previous_generation": archived,
     }
     store.write_json(store.join(output, store.MANIFEST), {**manifest, "complete": False})
     prepare_zoo_models(cfg)
@@ -195,30 +177,30 @@ def run_leased(
         output, cfg.resources.shared_filesystem, label="--output", shared_field="resources.shared_filesystem", written="shards"
     )
 
-    waves = store.BlockFileDatasource(prompts_uri).waves(cfg.resources.blocks_per_wave) if todo else []
+    waves = [(group, wave) for group in plan.groups for wave in store.BlockFileDatasource(group.uri).waves(cfg.resources.blocks_per_wave)]
     this_run, denied, executions = store.empty_counts(), {}, []
     if waves:
         release_freed_memory()  # what Ray's start freed
         context = ray.data.DataContext.get_current()
         configure_data_context(context, cfg.resources)
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
-        for number, wave in enumerate(waves, start=1):
+        for number, (group, wave) in enumerate(waves, start=1):
             if len(waves) > 1:
                 log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.blocks))
-            result = run_in_wave_process(cfg, wave, output, context, build)
+            result = run_in_wave_process(cfg, wave, output, context, build, plan.commits(output, fingerprints, group))
             store.add_counts(this_run, result.counts)
             store.add_denied(denied, result.denied)
             executions.append(result)
         ray.kill(attempts)
     execution = progress.add_run_stats([wave.stats for wave in executions])
     outcomes = store.output_counts(output, check.ids)
-    if todo and record_lost_rows(output, prompts_uri, outcomes, denied):
+    if todo and record_lost_rows(output, [group.uri for group in plan.groups], outcomes, denied):
         outcomes = store.output_counts(output, check.ids)
     counts = accounting(output, check, outcomes, this_run=this_run, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
         counts=counts,
         **execution,
-        stages=progress.method_stage_rows(execution["operators"], [(stage.name, stage.operators) for stage in graph.build(cfg)]),
+        stages=progress.method_stage_rows(execution["operators"], stage_operators(stages)),
         waves=len(waves),
         wave_process_peak_rss_mib=[wave.peak_rss_mib for wave in executions],
         ray_version=ray.__version__,
@@ -241,14 +223,53 @@ def run_leased(
     return RunResult(output=output, counts=counts, seconds=manifest["seconds"], manifest=manifest, failures=failures)
 
 
-def write_todo_prompts(cfg: SynthAlignConfig, check: PromptCheck, output: str, prompts_uri: str) -> int:
-    """Writes the valid prompts with no committed outcome in `output` (all but a resume's done rows) to
-    `prompts_uri`, in blocks of `rows_per_block` rows; how many. Its failed shards go: their rows are to do.
-    A function of its own so the done ids (16 MB at 1M rows) are freed before the run starts."""
+def stage_operators(stages: list[graph.Stage]) -> list[tuple[str, tuple[str, ...]]]:
+    """Each stage's name and the Ray Data operators that are its, its restore task among them."""
+    return [(stage.name, (*stage.operators, checkpoints.restore_operator(stage.name))) for stage in stages]
+
+
+def todo_rows(cfg: SynthAlignConfig, check: PromptCheck, done):
+    """The valid prompt rows whose id is not in `done` (an IdSet), with their status columns, in file order."""
+    for table in prompt_rows(cfg.prompts, cfg.seed, check):
+        yield with_status_columns(table.filter(~done.contains(digests(table["id"].to_pylist()))))
+
+
+def write_todo_prompts(
+    cfg: SynthAlignConfig, check: PromptCheck, output: str, stages: list[graph.Stage], fingerprints: dict[str, str]
+) -> checkpoints.Plan:
+    """Plans the valid prompts with no committed outcome in `output` (all but a resume's done rows) and
+    writes them to `todo/`, one prompt file per group that restores the same stages (`checkpoints.plan_todo`).
+    Its failed shards go: their rows are to do. A function of its own so the done ids (16 MB at 1M rows)
+    are freed before the run starts."""
     done = store.committed_ids(output)
     retried = store.remove_shards(store.join(output, store.FOLDERS[STATUS_FAILED]))
-    todo_rows = (table.filter(~done.contains(digests(table["id"].to_pylist()))) for table in prompt_rows(cfg.prompts, cfg.seed, check))
-    todo = store.write_blocks(prompts_uri, map(with_status_columns, todo_rows), INPUT_SCHEMA, cfg.resources.rows_per_block)
+    plan = checkpoints.plan_todo(output, stages, fingerprints, lambda: todo_rows(cfg, check, done), INPUT_SCHEMA, cfg.resources.rows_per_block)
     if len(done):
+        todo = sum(group.rows for group in plan.groups)
         log.info("resuming %s: %d rows done, %d to do (%d failed shards retried)", output, len(done), todo, retried)
-    return todo
+    return plan
+
+
+@dataclass
+class DryRun:
+    rows: int  # valid input rows
+    done: int  # of those, with an outcome in the generation this config resumes
+    generation: str  # "current", "archived" (brought back) or "new"
+    stages: dict[str, dict[str, Any]]  # per committed stage, as the manifest's `checkpoints`
+
+
+def dry_run(cfg: SynthAlignConfig, output: str) -> DryRun:
+    """What `generate` would do on `output` without doing it (nothing is written): which generation it
+    makes current, how many rows are done, and per committed stage the rows it would compute and reuse."""
+    import numpy as np
+
+    check = check_prompts(cfg.prompts)
+    fingerprint = config_fingerprint(cfg)
+    folder = generation_folder(output, fingerprint)
+    done = store.committed_ids(folder)
+    generation = "current" if folder == output else "archived" if len(done) else "new"
+    keys = np.concatenate([checkpoints.keys_of(table) for table in todo_rows(cfg, check, done)] or [np.empty(0, "S16")])
+    stages = graph.build(cfg)
+    fingerprints = checkpoints.fingerprints(stages, cfg.seed)
+    shard_of, _ = checkpoints.locate_entries(output, stages, fingerprints, keys)
+    return DryRun(check.rows, len(done), generation, checkpoints.stage_counts(stages, fingerprints, shard_of))

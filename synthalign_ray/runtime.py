@@ -85,7 +85,7 @@ class WaveResult:
     peak_rss_mib: float  # of the process that drove it
 
 
-def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: str, context, build) -> WaveResult:
+def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: str, context, build, commits) -> WaveResult:
     """Runs one wave's Ray Data execution in a Ray worker process of its own, on the driver's node (the
     head under `ray job submit`, which no spot preemption takes), that exits when the wave is done
     (`max_calls=1`).
@@ -102,7 +102,7 @@ def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, 
         scheduling_strategy=on_driver_node(),
         runtime_env={"env_vars": {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(PROGRESS_LOG_INTERVAL_S)}},
     )
-    ref = wave_task.remote(cfg, wave, output, context, build)
+    ref = wave_task.remote(cfg, wave, output, context, build, commits)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
@@ -110,12 +110,12 @@ def run_in_wave_process(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, 
         raise
 
 
-def drive_wave(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: str, context, build) -> WaveResult:
-    """The body of `run_in_wave_process`: builds the wave's dataset with the driver's Ray Data settings
-    and writes it to `output`."""
+def drive_wave(cfg: SynthAlignConfig, wave: store.BlockFileDatasource, output: str, context, build, commits) -> WaveResult:
+    """The body of `run_in_wave_process`: builds the wave's dataset (`build(cfg, wave, commits)`: which stages
+    it restores and commits) with the driver's Ray Data settings and writes it to `output`."""
     ray_private.set_current_data_context(context)
     sink = store.StatusSplitDatasink(output)
-    dataset = build(cfg, wave)
+    dataset = build(cfg, wave, commits)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
     return WaveResult(
         counts=sink.counts, denied=sink.denied, stats=progress.run_stats(dataset), peak_rss_mib=round(peak_rss_mib(), 1)

@@ -224,11 +224,14 @@ def simulated_pools(cfg: SynthAlignConfig, profile: Profile, replicas: dict[str,
     return pools
 
 
-def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatasource, *, pools: list[SimulatedPool], time_scale: float, record_dir: str):
+def build_simulated_dataset(
+    cfg: SynthAlignConfig, prompts: store.BlockFileDatasource, commits=None, *, pools: list[SimulatedPool], time_scale: float, record_dir: str
+):
     """`pipeline.build_dataset`'s graph with every GPU stage a simulated pool (same stages in the same
-    order, the model-free ones real, same blocks)."""
+    order, the model-free ones real, same blocks, the same stage commits and restores)."""
     from ray.data import ActorPoolStrategy
 
+    from synthalign_ray.checkpoints import apply_stages
     from synthalign_ray.pipeline import prompt_blocks
     from synthalign_ray.stages import graph
 
@@ -252,15 +255,14 @@ def build_simulated_dataset(cfg: SynthAlignConfig, prompts: store.BlockFileDatas
             zero_copy_batch=True,
         )
 
-    ds = prompt_blocks(prompts)
-    for stage in graph.build(cfg):
+    def run(ds, stage):
         if stage.profile_name is not None:
-            ds = simulated(ds, stage.profile_name)
-        elif stage.kind == "task" or stage.name == "instructions":  # an endpoint writing instructions runs for real
-            ds = stage.apply(ds)
-        else:
-            raise PlanError(f"simulate: a {stage.name} on an OpenAI-compatible endpoint is not simulated; use a vLLM one or none")
-    return ds
+            return simulated(ds, stage.profile_name)
+        if stage.kind == "task" or stage.name == "instructions":  # an endpoint writing instructions runs for real
+            return stage.apply(ds)
+        raise PlanError(f"simulate: a {stage.name} on an OpenAI-compatible endpoint is not simulated; use a vLLM one or none")
+
+    return apply_stages(prompt_blocks(prompts), graph.build(cfg), commits, run)
 
 
 def simulation_config(cfg: SynthAlignConfig, prompts_path: str) -> SynthAlignConfig:

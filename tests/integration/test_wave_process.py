@@ -38,7 +38,7 @@ def exits(pid: int, timeout: float = 30) -> bool:
 def test_each_wave_runs_in_a_new_process_with_the_runs_ray_data_settings(ray_local, tmp_path):
     import ray
 
-    def build(cfg, wave):  # called in the wave's process: records what it sees there
+    def build(cfg, wave, commits):  # called in the wave's process: records what it sees there
         import ray
 
         context = ray.data.DataContext.get_current()
@@ -50,7 +50,7 @@ def test_each_wave_runs_in_a_new_process_with_the_runs_ray_data_settings(ray_loc
 
     context = ray.data.DataContext.get_current()
     configure_data_context(context, ResourcesConfig(max_lost_blocks=3, object_store_memory=64 * 2**20))
-    results = [run_in_wave_process(None, wave, str(tmp_path / "out"), context, build) for wave in (1, 2)]
+    results = [run_in_wave_process(None, wave, str(tmp_path / "out"), context, build, None) for wave in (1, 2)]
 
     seen = [json.loads((tmp_path / f"wave-{wave}.json").read_text()) for wave in (1, 2)]
     assert [s["max_errored_blocks"] for s in seen] == [3, 3]

@@ -26,7 +26,7 @@ LAYERS = [
     # 3, stages, and the run config made of their configs.
     {"stages", "config"},
     # 4, what runs beside a generation: Ray start-up and waves, training, evaluation, reports, formats.
-    {"runtime", "accounting", "train", "evaluate", "report", "formats"},
+    {"runtime", "accounting", "checkpoints", "generations", "train", "evaluate", "report", "formats"},
     # 5, the generation pipeline.
     {"pipeline"},
     # 6, capacity: plan, simulate, calibrate.

@@ -1,0 +1,98 @@
+"""Generations of a run folder: the outputs of one config over the shared stage store.
+
+    pairs/ dropped/ failed/ manifest.json report/    the current generation (what every reader reads)
+    generations/<config fingerprint>/...             the generations of other configs, kept for comparison
+    stages/                                          the stage store, shared by all (`checkpoints.py`)
+
+A run whose config differs from the current generation's moves that generation whole into
+`generations/<its fingerprint>/` and brings its own back from there if it has one (then it resumes it);
+`manifest.json`'s `config_fingerprint` names the current one. The current generation stays at the top
+so that `datasets.load_dataset("parquet", data_dir=RUN/pairs)`, `export`, `train` and `report` read a
+fixed path. A move is a rename on a local or mounted disk, and a copy per shard on object storage.
+`synthalign gc` removes the other generations and the stage-store folders the current one does not use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from synthalign_ray import store
+from synthalign_ray.errors import UserError
+from synthalign_ray.store.lease import output_lease
+from synthalign_ray.store.stage_store import STAGES_DIR, stage_folder
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_DIR = "generations"
+# What a generation is: its outputs, its manifest and its report (the stage store is shared by all).
+GENERATION_FILES = (*store.FOLDERS.values(), store.MANIFEST, "report")
+
+
+class NotARunFolderError(UserError):
+    """A folder with shards but no manifest, or none at all, where a run folder was expected."""
+
+
+def current_manifest(output: str) -> dict[str, Any] | None:
+    try:
+        return store.read_json(store.join(output, store.MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
+def generation_folder(output: str, fingerprint: str) -> str:
+    """Where the generation of config `fingerprint` is: the output itself if it is current, else its archive."""
+    manifest = current_manifest(output)
+    if manifest is None or manifest.get("config_fingerprint") == fingerprint:
+        return output
+    return store.join(output, GENERATIONS_DIR, fingerprint)
+
+
+def start_generation(output: str, fingerprint: str, overwrite: bool) -> str | None:
+    """Makes the output's current generation that of config `fingerprint`: `overwrite` removes what the
+    output holds (current outputs and stage store); another config's generation moves to
+    `generations/<its fingerprint>/`, and this config's own comes back from there, if there is one.
+    The fingerprint of the generation moved away, else None."""
+    previous = current_manifest(output)
+    has_shards = any(store.list_shards(store.join(output, folder)) for folder in store.FOLDERS.values())
+    if overwrite:
+        for folder in store.FOLDERS.values():
+            store.remove_shards(store.join(output, folder))
+        store.remove_folder(store.join(output, STAGES_DIR))
+        return None
+    if has_shards and previous is None:
+        raise NotARunFolderError(f"{output} holds shards but no {store.MANIFEST}: not a run folder of this tool? (--overwrite to replace)")
+    if previous is None or previous.get("config_fingerprint") == fingerprint:
+        return None
+    old = previous.get("config_fingerprint")
+    archive, own = (store.join(output, GENERATIONS_DIR, name) for name in (old, fingerprint))
+    for name in GENERATION_FILES:
+        store.move_tree(store.join(output, name), store.join(archive, name))
+    for name in GENERATION_FILES:
+        store.move_tree(store.join(own, name), store.join(output, name))
+    log.info("%s: config %s; the generation of config %s moved to %s", output, fingerprint, old, archive)
+    return old
+
+
+def collect_garbage(output: str, *, force_unlock: bool = False) -> dict[str, int]:
+    """Removes the archived generations, and the stage-store folders that none of the current generation's
+    stages use (`manifest.json`'s `checkpoints`), under the output's lease. Files removed, by kind."""
+    manifest = current_manifest(output)
+    if manifest is None:
+        raise NotARunFolderError(f"{output}: no {store.MANIFEST}; not a run folder of `synthalign generate`")
+    keep = {stage_folder(output, name, entry["fingerprint"]) for name, entry in manifest.get("checkpoints", {}).items()}
+    stale_seconds = manifest.get("config", {}).get("resources", {}).get("lock_stale_seconds", 300)
+    removed = {"generations": 0, "stage_entries": 0}
+    with output_lease(output, stale_seconds=stale_seconds, force=force_unlock):
+        removed["generations"] = count_files(store.join(output, GENERATIONS_DIR))
+        store.remove_folder(store.join(output, GENERATIONS_DIR))
+        for stage in store.list_folders(store.join(output, STAGES_DIR)):
+            for folder in store.list_folders(stage):
+                if folder not in keep:
+                    removed["stage_entries"] += count_files(folder)
+                    store.remove_folder(folder)
+    return removed
+
+
+def count_files(uri: str) -> int:
+    return len(store.list_shards(uri, suffix="", recursive=True))
