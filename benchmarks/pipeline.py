@@ -153,7 +153,7 @@ def throughput(config: str, n_prompts: int, work: Path) -> list[str]:
     started = time.perf_counter()
     result = generate(cfg, output)
     pipeline_s = time.perf_counter() - started
-    operators = [StageStats(**stage) for stage in result.manifest["operators"] if stage["rows_in"] is not None]
+    operators = [StageStats(**{k: v for k, v in stage.items() if k != "group"}) for stage in result.manifest["operators"] if stage["rows_in"] is not None]
     pipeline_slowest = min(operators, key=lambda s: s.rows_per_s)
 
     alone = stages_alone(cfg, pa.concat_tables(store.read_blocks(store.join(output, TODO_DIR, "0.arrow"))), str(work / "stages-alone"))

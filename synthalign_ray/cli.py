@@ -40,6 +40,10 @@ app.add_typer(zoo_app, name="zoo")
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE (VALUE is YAML)")
 ]
+ForceUnlockOption = Annotated[
+    bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
+]
+RunFolderArgument = Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")]
 
 
 def _load(config: str, overrides: list[str] | None, schema=None):
@@ -159,9 +163,7 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="run folder or URI (s3://, gs://)")],
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard what OUTPUT holds and start afresh")] = False,
-    force_unlock: Annotated[
-        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
-    ] = False,
+    force_unlock: ForceUnlockOption = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="show Ray's, vLLM's and the models' logs too (else only in OUTPUT/logs/)")
     ] = False,
@@ -210,8 +212,14 @@ def _report_run(cfg, output: str, result, log: str | None) -> None:
     if result.manifest["stages"]:
         from synthalign_ray.progress import StageStats, format_table
 
-        stages = [StageStats(**stage) for stage in result.manifest["stages"]]
-        typer.echo(format_table(stages, run_s=result.manifest["execution_seconds"]))
+        groups = result.manifest["groups"]
+        numbers = sorted({stage["group"] for stage in result.manifest["stages"]})
+        for number in numbers:
+            if len(groups) > 1:  # rows that restored different stages ran as different graphs
+                restored = ", ".join(groups[number]["restored"]) or "none"
+                typer.echo(f"{groups[number]['rows']} rows, stages restored from the stage store: {restored}")
+            stages = [StageStats(**{k: v for k, v in stage.items() if k != "group"}) for stage in result.manifest["stages"] if stage["group"] == number]
+            typer.echo(format_table(stages, run_s=result.manifest["execution_seconds"] if number == numbers[-1] else None))
     if result.failed_fraction > cfg.resources.max_failed_fraction:
         from synthalign_ray.accounting import failure_report
 
@@ -253,10 +261,8 @@ def import_(
 
 @app.command()
 def repair(
-    output: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
-    force_unlock: Annotated[
-        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
-    ] = False,
+    output: RunFolderArgument,
+    force_unlock: ForceUnlockOption = False,
 ):
     """Keep one row per id in a run folder whose shards hold ids more than once, and rebuild the manifest's counts."""
     from synthalign_ray.repair import repair as run
@@ -274,10 +280,8 @@ def repair(
 
 @app.command()
 def gc(
-    output: Annotated[str, typer.Argument(help="run folder or URI written by `synthalign generate`")],
-    force_unlock: Annotated[
-        bool, typer.Option("--force-unlock", help="break the output's lease held by another run (it must be gone)")
-    ] = False,
+    output: RunFolderArgument,
+    force_unlock: ForceUnlockOption = False,
 ):
     """Remove a run folder's older generations (generations/) and the stage-store entries its current one does not use."""
     from synthalign_ray.generations import collect_garbage

@@ -70,6 +70,7 @@ def start_generation(output: str, fingerprint: str, overwrite: bool) -> str | No
         store.move_tree(store.join(output, name), store.join(archive, name))
     for name in GENERATION_FILES:
         store.move_tree(store.join(own, name), store.join(output, name))
+    store.remove_folder(own)
     log.info("%s: config %s; the generation of config %s moved to %s", output, fingerprint, old, archive)
     return old
 

@@ -179,6 +179,7 @@ def run_leased(
 
     waves = [(group, wave) for group in plan.groups for wave in store.BlockFileDatasource(group.uri).waves(cfg.resources.blocks_per_wave)]
     this_run, denied, executions = store.empty_counts(), {}, []
+    runs_by_group: list[list[dict[str, Any]]] = [[] for _ in plan.groups]
     if waves:
         release_freed_memory()  # what Ray's start freed
         context = ray.data.DataContext.get_current()
@@ -191,16 +192,17 @@ def run_leased(
             store.add_counts(this_run, result.counts)
             store.add_denied(denied, result.denied)
             executions.append(result)
+            runs_by_group[plan.groups.index(group)].append(result.stats)
         ray.kill(attempts)
-    execution = progress.add_run_stats([wave.stats for wave in executions])
     outcomes = store.output_counts(output, check.ids)
     if todo and record_lost_rows(output, [group.uri for group in plan.groups], outcomes, denied):
         outcomes = store.output_counts(output, check.ids)
     counts = accounting(output, check, outcomes, this_run=this_run, input_ids=valid_ids(cfg.prompts, check))
     manifest.update(
         counts=counts,
-        **execution,
-        stages=progress.method_stage_rows(execution["operators"], stage_operators(stages)),
+        # Per group of rows (`checkpoints.plan_todo`): the stages it restored, its operators and stage table.
+        groups=[{"restored": list(group.restored), "rows": group.rows} for group in plan.groups],
+        **progress.grouped_run_stats(runs_by_group, stage_operators(stages)),
         waves=len(waves),
         wave_process_peak_rss_mib=[wave.peak_rss_mib for wave in executions],
         ray_version=ray.__version__,

@@ -127,6 +127,21 @@ def add_run_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"execution_seconds": round(seconds, 2), "operators": stages}
 
 
+def grouped_run_stats(runs_by_group: list[list[dict[str, Any]]], stages: list[tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
+    """The `run_stats` of a run whose rows went in groups of different graphs (`checkpoints.plan_todo`:
+    the stages each group restores), the waves of each group one after the other: per group its operators
+    (`add_run_stats`) and its stage table (`method_stage_rows`), each row with its group's number."""
+    operators, table, seconds = [], [], 0.0
+    for number, runs in enumerate(runs_by_group):
+        if not runs:
+            continue
+        run = add_run_stats(runs)
+        seconds += run["execution_seconds"]
+        operators += [{**row, "group": number} for row in run["operators"]]
+        table += [{**row, "group": number} for row in method_stage_rows(run["operators"], stages)]
+    return {"execution_seconds": round(seconds, 2), "operators": operators, "stages": table}
+
+
 # The row of the operator that reads the run's prompts file (Ray Data's source).
 PROMPTS_ROW = "prompts"
 

@@ -91,7 +91,7 @@ def build(cfg) -> list[Stage]:
     image_scores = Stage(
         "image_scores", "actor_pool", ("t2i_prompt", "candidate_images"), score_columns,
         _actor_pool(ImageScorer, cfg.image_scores), "image_scores", cfg.image_scores.pool, "image_scores",
-        ("ImageScorer", "[image_scores]"), cfg.image_scores,
+        ("ImageScorer", "[image_scores]"), cfg.image_scores.model_dump(exclude={"select_by"}),  # select_image's setting
     )
     select_by = SCORE_COLUMNS[cfg.image_scores.select_by]
     select_image = Stage(

@@ -1,7 +1,7 @@
 """One run at a time per output: a lease object in the output names its holder and is kept fresh by a heartbeat.
 
 Two `generate` runs on one output (a job resubmitted while the first still runs, two people, two schedulers)
-would both write `prompts.arrow` and cut their blocks differently, so one id could land in two shards. The
+would both write `todo/` and cut their blocks differently, so one id could land in two shards. The
 lease prevents it. It is a JSON object (`.synthalign-lease.json`: run id, host, pid, start, heartbeat) written
 through the output's pyarrow filesystem, so it works on s3:// and gs:// as on a local folder.
 

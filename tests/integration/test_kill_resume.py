@@ -1,5 +1,6 @@
 """SIGKILL the `synthalign generate` driver at several points, rerun the same command, and check the
-output holds every prompt exactly once (pairs + dropped), none lost, none duplicated.
+output holds every prompt exactly once (pairs + dropped), none lost, none duplicated, and that no image
+committed to the stage store (checkpoints.py) was rendered again.
 
 The run joins a Ray head the test starts (as under `ray job submit`; tests/ray_head.py), so killing the
 driver kills only the driver; its job's actors are cleaned up by Ray.
@@ -61,18 +62,24 @@ def kill_when(process: subprocess.Popen, condition, timeout: float) -> bool:
     raise AssertionError("kill point not reached in time")
 
 
+def stage_entry_ids(out: Path, stage: str) -> list[str]:
+    """The ids of the stage store's entries of STAGE: a row computed twice shows twice."""
+    return sorted(i for f in (out / "stages" / stage).glob("*/*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
 def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp_path):
     out = tmp_path / "run"
     env = ray_env(RAY_ADDRESS=ray_head)
-    started = time.time()
+    started, committed, answered = time.time(), 0, 0
     kills = {
         "while starting up": lambda: time.time() - started > 4,
         "while the actor pools load models": lambda: time.time() - started > 20,
-        "after the first committed shard": lambda: len(committed_ids(out)) > 0,
+        "while the answerer runs": lambda: len(stage_entry_ids(out, "responses[llava-1.5]")) > answered,
+        "after the first committed shard": lambda: len(committed_ids(out)) > committed,
     }
     killed_at = []
     for n, (point, condition) in enumerate(kills.items()):
-        started = time.time()
+        started, committed, answered = time.time(), len(committed_ids(out)), len(stage_entry_ids(out, "responses[llava-1.5]"))
         log = tmp_path / f"run{n}.log"
         process = start(out, env, log, HOLD_ONE_BLOCK if point == "after the first committed shard" else [])
         if kill_when(process, condition, timeout=600):
@@ -81,14 +88,23 @@ def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp
             assert len(ids) == len(set(ids)), f"duplicate ids after a kill {point}"
         else:
             assert process.returncode == 0, log.read_text()[-6000:]
+        if point == "while the answerer runs":
+            rendered, done = set(stage_entry_ids(out, "images")), set(committed_ids(out))
+        if point == "after the first committed shard":
+            # The run after the kill among the answers restored every image committed before it (its
+            # manifest, written before its first wave, plans it) and rendered only the others.
+            images = json.loads((out / "manifest.json").read_text())["checkpoints"]["images"]
+            assert images["reused"] == len(rendered - done) > 0, (images, rendered, done)
+            assert images["computed"] == len(PROMPT_IDS) - len(done) - images["reused"]
     assert killed_at[:2] == ["while starting up", "while the actor pools load models"]
-    assert killed_at[-1] == "after the first committed shard"
+    assert killed_at[-2:] == ["while the answerer runs", "after the first committed shard"]
     assert 0 < len(committed_ids(out)) < len(PROMPT_IDS), "the last kill did not land mid-run"
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
 
     result = subprocess.run([*GENERATE, "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert committed_ids(out) == PROMPT_IDS  # every prompt exactly once
+    assert stage_entry_ids(out, "images") == PROMPT_IDS  # and each image rendered once, over all five runs
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True
     counts = manifest["counts"]

@@ -21,6 +21,8 @@ MISSING_PATH_CASES = {
     "rescore-pope": ["rescore-pope", f"{MISSING}.jsonl"],
     "report": ["report", MISSING],
     "repair": ["repair", MISSING],
+    "gc": ["gc", MISSING],
+    "generate --dry-run": ["generate", "-c", "configs/tiny.yaml", "--set", f"prompts.path={MISSING}.jsonl", "-o", "{tmp}/run", "--dry-run"],
     "correlate": ["correlate", f"{MISSING}.yaml", "-o", "{tmp}/corr"],
     "judge, run": ["judge", MISSING, "-c", "configs/judge_tiny.yaml"],
     "judge, config": ["judge", "{tmp}", "-c", f"{MISSING}.yaml"],
@@ -55,6 +57,7 @@ def test_bad_files_are_one_error_line_with_exit_2(tmp_path):
 def test_every_cli_error_class_is_a_user_error():
     from synthalign_ray.config import ConfigError
     from synthalign_ray.evaluate.common import BenchmarkFileError
+    from synthalign_ray.generations import NotARunFolderError
     from synthalign_ray.store.lease import OutputLeasedError
     from synthalign_ray.formats.llava_json import LlavaFormatError
     from synthalign_ray.lockfile import LockError
@@ -67,5 +70,6 @@ def test_every_cli_error_class_is_a_user_error():
     from synthalign_ray.train.trainer import TrainRunError
 
     for error in (ConfigError, BenchmarkFileError, OutputLeasedError, LlavaFormatError, LockError, PlanError,
-                  ReportError, InputFileError, UnsharedOutputError, DataError, LoraTargetError, TrainRunError):
+                  ReportError, InputFileError, UnsharedOutputError, DataError, LoraTargetError, TrainRunError,
+                  NotARunFolderError):
         assert issubclass(error, UserError), error

@@ -3,7 +3,7 @@ renamed field in Ray fails here rather than at the end of a long run)."""
 
 from ray.data._internal.stats import DatasetStatsSummary, IterStatsSummary, OperatorStatsSummary, StatsSummary
 
-from synthalign_ray.progress import StageStats, add_run_stats, format_table, is_write, method_stage_rows, stage_stats
+from synthalign_ray.progress import StageStats, add_run_stats, format_table, grouped_run_stats, is_write, method_stage_rows, stage_stats
 
 
 def operator(name, rows_out, *, rows_in=None, wall_s, busy_s):
@@ -168,3 +168,15 @@ def test_simulated_stand_ins_are_named_by_their_stage():
         "prompts", "images", "image_scores", "select_image + instructions",
         *(f"responses[{model.name}]" for model in cfg.responses.models), "response_scores", "pairs",
     ]
+
+
+def test_groups_of_rows_get_a_stage_table_each():
+    """A run whose rows restored different stages ran a graph per group (checkpoints.plan_todo): each
+    group's waves add up among themselves, and every row of the tables names its group."""
+    one = run_stats_of(pipeline_stats())
+    stages = [("images", ("ImageGenerator",))]
+    restored = {"execution_seconds": 2.0, "operators": [dict(one["operators"][0], stage="ReadBlockFile->MapBatches(RestoreEntries[images])")]}
+    grouped = grouped_run_stats([[one, one], [], [restored]], stages + [("images", ("RestoreEntries[images]",))])
+    assert grouped["execution_seconds"] == 82.0
+    assert [(row["group"], row["rows_out"]) for row in grouped["operators"]] == [(0, 12), (0, 12), (0, 12), (2, 6)]
+    assert [(row["group"], row["stage"]) for row in grouped["stages"]] == [(0, "prompts"), (0, "images"), (2, "images")]
