@@ -36,7 +36,7 @@ from synthalign_ray.base import STATUS_FAILED, STATUS_OK
 from synthalign_ray.engines.vllm_engine import block_task, labelled
 from synthalign_ray.ids import row_keys
 from synthalign_ray.stages.graph import Stage
-from synthalign_ray.store.stage_store import KEY_FIELD, EntryIndex, entry_index, read_entries, stage_folder, write_entries
+from synthalign_ray.store.stage_store import entry_index, key_array, key_bytes, read_entries, stage_folder, write_entries
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def entries(table: pa.Table, writes: tuple[str, ...], answerer: str | None) -> p
     """A stage's entries for the rows of `table` that are ok after it: `id`, `key` and its columns (an
     answerer's: its own answers)."""
     ok = table.filter(pc.equal(table["status"], STATUS_OK))
-    columns = {"id": ok["id"], "key": pa.array(list(keys_of(ok)), KEY_FIELD.type)}
+    columns = {"id": ok["id"], "key": key_array(keys_of(ok))}
     for name in writes:
         column = ok[name]
         if answerer is not None:
@@ -157,7 +157,7 @@ class RestoreEntries:
         shards = table[column].to_pylist()
         table = table.drop_columns([column])
         status = table["status"].to_pylist()
-        keys = keys_of(table)
+        keys = key_bytes(keys_of(table))
         found: dict[int, dict[str, Any]] = {}
         for shard in sorted({s for s, st in zip(shards, status) if s is not None and st == STATUS_OK}):
             stored = read_entries(self.folder, shard, ["key", *self.writes]).to_pylist()
@@ -213,18 +213,27 @@ class Plan:
         return StageCommits(output, fingerprints, group.restored, {name: self.schemas[name] for name in group.restored})
 
 
-def locate_entries(output: str, stages: list[Stage], fingerprints: dict[str, str], keys: np.ndarray) -> tuple[np.ndarray, list[EntryIndex]]:
-    """For each row key and committed stage, the number of the shard holding its entry (-1: none); the
-    stages' indexes, read one at a time."""
+@dataclass
+class StageShards:
+    """A committed stage's shard names (what `shard_of` numbers) and its entries' schema (None: none)."""
+
+    names: list[str]
+    schema: pa.Schema | None
+
+
+def locate_entries(output: str, stages: list[Stage], fingerprints: dict[str, str], keys: np.ndarray) -> tuple[np.ndarray, list[StageShards]]:
+    """For each row key and committed stage, the number of the shard holding its entry (-1: none), and
+    each stage's shards. The stages' indexes are read one at a time, and only their names are kept."""
     committed = [stage for stage in stages if stage.committed]
     shard_of = np.full((len(keys), len(committed)), -1, np.int32)
-    indexes = []
+    shards = []
     for j, stage in enumerate(committed):
         index = entry_index(stage_folder(output, stage.name, fingerprints[stage.name]))
         if len(keys):
             shard_of[:, j] = index.lookup(keys)
-        indexes.append(EntryIndex(index.keys[:0], index.shard[:0], index.shards, index.schema))  # keep names, drop keys
-    return shard_of, indexes
+        shards.append(StageShards(index.shards, index.schema))
+        del index
+    return shard_of, shards
 
 
 def stage_counts(stages: list[Stage], fingerprints: dict[str, str], shard_of: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -249,7 +258,7 @@ def plan_todo(
     written to `todo/` in blocks of `rows_per_block`. The driver holds 16 bytes and a shard number per
     stage per row, never rows."""
     keys = np.concatenate([keys_of(table) for table in todo_tables()] or [np.empty(0, "S16")])
-    shard_of, indexes = locate_entries(output, stages, fingerprints, keys)
+    shard_of, shards = locate_entries(output, stages, fingerprints, keys)
     del keys
     committed = [stage for stage in stages if stage.committed]
     counts = stage_counts(stages, fingerprints, shard_of)
@@ -264,20 +273,20 @@ def plan_todo(
         restored = [(j, stage) for j, (stage, restores) in enumerate(zip(committed, mask)) if restores]
         fields = [pa.field(SHARD_COLUMN.format(stage=stage.name), pa.string()) for _, stage in restored]
         uri = store.join(folder, f"{number}.arrow")
-        tables = _group_tables(todo_tables(), group_of == number, shard_of, indexes, restored, fields)
+        tables = _group_tables(todo_tables(), group_of == number, shard_of, shards, restored, fields)
         rows = store.write_blocks(uri, tables, pa.schema([*schema, *fields]), rows_per_block)
         groups.append(Group(tuple(stage.name for _, stage in restored), uri, rows))
-    return Plan(groups, counts, {stage.name: index.schema for stage, index in zip(committed, indexes) if index.schema is not None})
+    return Plan(groups, counts, {stage.name: stage_shards.schema for stage, stage_shards in zip(committed, shards) if stage_shards.schema is not None})
 
 
-def _group_tables(tables: Iterable[pa.Table], in_group: np.ndarray, shard_of, indexes, restored, fields) -> Iterator[pa.Table]:
+def _group_tables(tables: Iterable[pa.Table], in_group: np.ndarray, shard_of, shards, restored, fields) -> Iterator[pa.Table]:
     start = 0
     for table in tables:
         stop = start + table.num_rows
         rows = np.flatnonzero(in_group[start:stop])
         part = table.take(pa.array(rows))
         for (j, _), column in zip(restored, fields):
-            names = indexes[j].shards
+            names = shards[j].names
             part = part.append_column(column, pa.array([names[n] for n in shard_of[start + rows, j]], pa.string()))
         start = stop
         if part.num_rows:

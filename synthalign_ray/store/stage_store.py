@@ -28,8 +28,22 @@ KEY_FIELD = pa.field("key", pa.binary(16))
 
 
 def stage_folder(output: str, stage: str, fingerprint: str) -> str:
-    """Where the entries of `stage` computed under `fingerprint` live (a stage name made path-safe)."""
-    return join(output, STAGES_DIR, re.sub(r"[^\w.\-\[\]]", "_", stage), fingerprint)
+    """Where the entries of `stage` computed under `fingerprint` live. The stage's name made safe in a URI
+    (`responses[llava-1.5]` -> `responses.llava-1.5`: pyarrow parses no brackets in s3:// paths); the
+    fingerprint, which covers the name, keeps two stages apart."""
+    safe = re.sub(r"[^\w.\-]", "_", stage.replace("[", ".").replace("]", ""))
+    return join(output, STAGES_DIR, safe, fingerprint)
+
+
+def key_array(keys: np.ndarray) -> pa.Array:
+    """Row keys (16-byte digests) as Arrow values, byte for byte (numpy's bytes items drop trailing zero bytes)."""
+    return pa.FixedSizeBinaryArray.from_buffers(KEY_FIELD.type, len(keys), [None, pa.py_buffer(np.ascontiguousarray(keys).tobytes())])
+
+
+def key_bytes(keys: np.ndarray) -> list[bytes]:
+    """Row keys as Python bytes of 16 each, as Arrow gives them back (`key_array(keys).to_pylist()`)."""
+    raw = np.ascontiguousarray(keys).tobytes()
+    return [raw[i : i + 16] for i in range(0, len(raw), 16)]
 
 
 def write_entries(folder: str, entries: pa.Table) -> None:
@@ -60,7 +74,7 @@ def entry_index(folder: str) -> EntryIndex:
     """Reads the `key` column of every shard in a stage folder (16 bytes and an int per entry)."""
     fs, _ = filesystem(folder)
     paths = list_shards(folder)
-    keys = [pq.read_table(path, columns=["key"], filesystem=fs).column("key").to_numpy(zero_copy_only=False).astype(DIGEST) for path in paths]
+    keys = [_digests(pq.read_table(path, columns=["key"], filesystem=fs).column("key")) for path in paths]
     if not keys:
         return EntryIndex(np.empty(0, DIGEST), np.empty(0, np.int32), [], None)
     every = np.concatenate(keys)
@@ -70,3 +84,9 @@ def entry_index(folder: str) -> EntryIndex:
     first = np.concatenate([[True], every[1:] != every[:-1]]) if len(every) else np.empty(0, bool)
     schema = pq.read_schema(paths[0], filesystem=fs)
     return EntryIndex(every[first], shard[first], [path.rsplit("/", 1)[-1] for path in paths], schema)
+
+
+def _digests(column: pa.ChunkedArray) -> np.ndarray:
+    """A `key` column as digests, straight from its bytes."""
+    column = column.combine_chunks()
+    return np.frombuffer(column.buffers()[1], DIGEST, count=len(column), offset=column.offset * 16).copy()

@@ -167,3 +167,30 @@ def test_gc_keeps_the_current_generation_and_the_stage_folders_it_uses(tmp_path,
     assert collect_garbage(output) == {"generations": 2, "stage_entries": 1}
     assert not (tmp_path / GENERATIONS_DIR).exists() and not (tmp_path / "stages" / "responses[llava-next]" / ("0" * 16)).exists()
     assert store.list_shards(stage_folder(output, "responses[llava-next]", fps["responses[llava-next]"]))
+
+
+def test_keys_ending_in_zero_bytes_commit_and_restore(tmp_path, tiny):
+    """numpy's bytes items drop a digest's trailing zero bytes (1 key in 256): keys go to Arrow and back byte for byte."""
+    stages, fps = tiny
+    candidates = prompts([f"row-{n}" for n in range(3000)])
+    keys = checkpoints.keys_of(candidates).tobytes()
+    ids = [row for n, row in enumerate(candidates["id"].to_pylist()) if keys[16 * n + 15] == 0][:3]
+    assert len(ids) == 3
+    table = prompts(ids).append_column("responses", pa.array([answers("llava-next")] * 3, RESPONSES_TYPE))
+    commit_answers(str(tmp_path), fps, table, "llava-next")
+    plan = checkpoints.plan_todo(str(tmp_path), stages, fps, lambda: [prompts(ids)], INPUT_SCHEMA, rows_per_block=3)
+    (group,) = plan.groups
+    assert group.restored == ("responses[llava-next]",)
+    folder = plan.commits(str(tmp_path), fps, group).folder("responses[llava-next]")
+    block = pa.concat_tables(store.read_blocks(group.uri))
+    restored = checkpoints.RestoreEntries("responses[llava-next]", ("responses",), "llava-next", folder, plan.schemas["responses[llava-next]"])(block)
+    assert restored["status"].to_pylist() == ["ok"] * 3 and restored["responses"].to_pylist() == [answers("llava-next")] * 3
+
+
+def test_stage_folders_are_valid_in_an_s3_uri():
+    """pyarrow parses no brackets in an s3:// path: an answerer's folder name has none."""
+    from pyarrow import fs as pafs
+
+    folder = stage_folder("s3://bucket/run?endpoint_override=localhost:1&scheme=http", "responses[llava-1.5]", "0" * 16)
+    assert folder == f"s3://bucket/run/stages/responses.llava-1.5/{'0' * 16}?endpoint_override=localhost:1&scheme=http"
+    assert pafs.FileSystem.from_uri(folder)[1] == f"bucket/run/stages/responses.llava-1.5/{'0' * 16}"
