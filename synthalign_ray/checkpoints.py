@@ -257,20 +257,26 @@ def plan_todo(
     committed stages each restores, and one prompt file per group of rows that restore the same ones,
     written to `todo/` in blocks of `rows_per_block`. The driver holds 16 bytes and a shard number per
     stage per row, never rows."""
+    committed = [stage for stage in stages if stage.committed]
+    folder = store.join(output, TODO_DIR)
+    store.remove_folder(folder)
+    if not any(store.list_shards(stage_folder(output, stage.name, fingerprints[stage.name])) for stage in committed):
+        # Nothing to restore (a fresh run, or every stage changed): one group, planned without keys.
+        uri = store.join(folder, "0.arrow")
+        rows = store.write_blocks(uri, todo_tables(), schema, rows_per_block)
+        counts = {stage.name: {"fingerprint": fingerprints[stage.name], "computed": rows, "reused": 0} for stage in committed}
+        return Plan([Group((), uri, rows)] if rows else [], counts, {})
     keys = np.concatenate([keys_of(table) for table in todo_tables()] or [np.empty(0, "S16")])
     shard_of, shards = locate_entries(output, stages, fingerprints, keys)
     del keys
-    committed = [stage for stage in stages if stage.committed]
     counts = stage_counts(stages, fingerprints, shard_of)
-    folder = store.join(output, TODO_DIR)
-    store.remove_folder(folder)
     if not len(shard_of):
         return Plan([], counts, {})
-    masks, group_of = np.unique(shard_of >= 0, axis=0, return_inverse=True)
-    group_of = group_of.reshape(-1)
+    # Each row's restored stages as the bits of one integer: np.unique over them, not over rows of bools.
+    masks, group_of = np.unique((shard_of >= 0) @ (1 << np.arange(len(committed), dtype=np.int64)), return_inverse=True)
     groups = []
     for number, mask in enumerate(masks):
-        restored = [(j, stage) for j, (stage, restores) in enumerate(zip(committed, mask)) if restores]
+        restored = [(j, stage) for j, stage in enumerate(committed) if mask >> j & 1]
         fields = [pa.field(SHARD_COLUMN.format(stage=stage.name), pa.string()) for _, stage in restored]
         uri = store.join(folder, f"{number}.arrow")
         tables = _group_tables(todo_tables(), group_of == number, shard_of, shards, restored, fields)
