@@ -42,6 +42,17 @@ def cli_error_line(args: list[str]) -> str:
     return errors[0]
 
 
+def stage_entry_ids(output: Path, stage: str) -> list[str]:
+    """The ids of every entry the stage store of OUTPUT holds for STAGE, over all its fingerprints
+    (checkpoints.py): a row computed twice shows twice."""
+    import pyarrow.parquet as pq
+
+    from synthalign_ray.store.stage_store import stage_folder
+
+    stage_dir = Path(stage_folder(str(output), stage, "fingerprint")).parent
+    return sorted(i for f in stage_dir.glob("*/*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
 def benchmark_script(name: str):
     """benchmarks/NAME.py as a module. benchmarks/ is not a package: the script is loaded by its path and
     registered under its name (dataclasses look their module up), and benchmarks/ goes last on sys.path for

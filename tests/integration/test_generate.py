@@ -18,7 +18,8 @@ from PIL import Image
 
 from synthalign_ray.ray_private import RELAY_PREFIX
 from synthalign_ray.store.lease import LEASE_FILE
-from tests.conftest import REPO
+from synthalign_ray.store.stage_store import stage_folder
+from tests.conftest import REPO, stage_entry_ids
 
 pytestmark = pytest.mark.slow
 SYNTHALIGN = [sys.executable, "-m", "synthalign_ray.cli"]
@@ -227,13 +228,6 @@ def model_actors(manifest, group=None) -> set[str]:
     return {udf for udf in udfs if udf.startswith(MODEL_UDFS)}
 
 
-def stage_entry_ids(out, stage) -> list[str]:
-    """The ids of every entry the stage store holds for STAGE, over all its fingerprints: a row computed twice shows twice."""
-    import pyarrow.parquet as pq
-
-    return sorted(i for f in (out / "stages" / stage).glob("*/*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
-
-
 def test_rerun_is_a_no_op(run_dir):
     before = sorted(r["id"] for part in ("pairs", "dropped") for r in load(run_dir, part))
     result = run_cli("generate", "--config", "configs/tiny.yaml", "--output", str(run_dir))
@@ -294,8 +288,8 @@ def test_config_changes_reuse_every_stage_they_leave_unchanged(run_dir, tmp_path
     assert removed and int(removed[1]) > 0 and int(removed[2]) > 0, collected.stdout
     # What is left: the folders of the current config's stages (the reward model's other two, the added answerer's: gone).
     assert not (out / "generations").exists() and stage_entry_ids(out, "images") == PROMPT_IDS
-    assert {f"{stage.parent.name}/{stage.name}" for stage in (out / "stages").glob("*/*")} == {
-        f"{stage}/{figures['fingerprint']}" for stage, figures in first["checkpoints"].items()
+    assert set((out / "stages").glob("*/*")) == {
+        Path(stage_folder(str(out), stage, figures["fingerprint"])) for stage, figures in first["checkpoints"].items()
     }
 
 

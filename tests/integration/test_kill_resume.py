@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ONE_ANSWERER, REPO
+from tests.conftest import ONE_ANSWERER, REPO, stage_entry_ids
 from tests.ray_head import local_ray_head, ray_env
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,6 @@ def kill_when(process: subprocess.Popen, condition, timeout: float) -> bool:
     raise AssertionError("kill point not reached in time")
 
 
-def stage_entry_ids(out: Path, stage: str) -> list[str]:
-    """The ids of the stage store's entries of STAGE: a row computed twice shows twice."""
-    return sorted(i for f in (out / "stages" / stage).glob("*/*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
-
-
 def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp_path):
     out = tmp_path / "run"
     env = ray_env(RAY_ADDRESS=ray_head)
@@ -89,6 +84,7 @@ def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp
         else:
             assert process.returncode == 0, log.read_text()[-6000:]
         if point == "while the answerer runs":
+            assert point in killed_at, "the run ended before its first answer entry was seen"
             rendered, done = set(stage_entry_ids(out, "images")), set(committed_ids(out))
         if point == "after the first committed shard":
             # The run after the kill among the answers restored every image committed before it (its
