@@ -26,6 +26,10 @@ GENERATE = [sys.executable, "-m", "synthalign_ray.cli", "generate", "--config", 
 # land at once and a kill "after the first shard" could come too late. The pairs stage holds the block
 # of weather-0001 back for a minute in that run, so the kill surely lands between shards.
 HOLD_ONE_BLOCK = ["--set", "resources.env.SYNTHALIGN_INJECT_DELAYS=pairs:weather-0001=60"]
+# The same for the kill among the answers: the reward model holds weather-0001's block back, so rows whose
+# images and answers are committed surely have no outcome yet when the kill lands (without it, the few
+# rows could all reach the output between the first answer entry and the kill).
+HOLD_AFTER_ANSWERS = ["--set", "resources.env.SYNTHALIGN_INJECT_DELAYS=response_scores:weather-0001=60"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,8 @@ def test_driver_killed_at_several_points_then_resumed_exactly_once(ray_head, tmp
     for n, (point, condition) in enumerate(kills.items()):
         started, committed, answered = time.time(), len(committed_ids(out)), len(stage_entry_ids(out, "responses[llava-1.5]"))
         log = tmp_path / f"run{n}.log"
-        process = start(out, env, log, HOLD_ONE_BLOCK if point == "after the first committed shard" else [])
+        holds = {"while the answerer runs": HOLD_AFTER_ANSWERS, "after the first committed shard": HOLD_ONE_BLOCK}
+        process = start(out, env, log, holds.get(point, []))
         if kill_when(process, condition, timeout=600):
             killed_at.append(point)
             ids = committed_ids(out)
