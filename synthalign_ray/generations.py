@@ -9,6 +9,8 @@ A run whose config differs from the current generation's moves that generation w
 `manifest.json`'s `config_fingerprint` names the current one. The current generation stays at the top
 so that `datasets.load_dataset("parquet", data_dir=RUN/pairs)`, `export`, `train` and `report` read a
 fixed path. A move is a rename on a local or mounted disk, and a copy per shard on object storage.
+A switch is written down first (`generations/switch.json`) and carried out in two idempotent phases,
+so that a run or `gc` after a kill at any point finishes it instead of finding half of two generations.
 `synthalign gc` removes the other generations and the stage-store folders the current one does not use.
 """
 
@@ -25,6 +27,7 @@ from synthalign_ray.store.stage_store import STAGES_DIR, stage_folder
 log = logging.getLogger(__name__)
 
 GENERATIONS_DIR = "generations"
+SWITCH_FILE = "switch.json"
 # What a generation is: its outputs, its manifest and its report (the stage store is shared by all).
 GENERATION_FILES = (*store.FOLDERS.values(), store.MANIFEST, "report")
 
@@ -52,7 +55,8 @@ def start_generation(output: str, fingerprint: str, overwrite: bool) -> str | No
     """Makes the output's current generation that of config `fingerprint`: `overwrite` removes what the
     output holds (current outputs and stage store); another config's generation moves to
     `generations/<its fingerprint>/`, and this config's own comes back from there, if there is one.
-    The fingerprint of the generation moved away, else None."""
+    The fingerprint of the generation moved away (by this call, or by the killed run it finishes), else None."""
+    finished = finish_switch(output)
     previous = current_manifest(output)
     has_shards = any(store.list_shards(store.join(output, folder)) for folder in store.FOLDERS.values())
     if overwrite:
@@ -63,35 +67,70 @@ def start_generation(output: str, fingerprint: str, overwrite: bool) -> str | No
     if has_shards and previous is None:
         raise NotARunFolderError(f"{output} holds shards but no {store.MANIFEST}: not a run folder of this tool? (--overwrite to replace)")
     if previous is None or previous.get("config_fingerprint") == fingerprint:
-        return None
+        return finished["archive"] if finished and finished["current"] == fingerprint else None
     old = previous.get("config_fingerprint")
-    archive, own = (store.join(output, GENERATIONS_DIR, name) for name in (old, fingerprint))
-    for name in GENERATION_FILES:
-        store.move_tree(store.join(output, name), store.join(archive, name))
+    store.write_json(switch_record(output), {"archive": old, "current": fingerprint, "phase": "archive"})
+    finish_switch(output)
+    log.info("%s: config %s; the generation of config %s moved to %s", output, fingerprint, old, store.join(output, GENERATIONS_DIR, old))
+    return old
+
+
+def switch_record(output: str) -> str:
+    return store.join(output, GENERATIONS_DIR, SWITCH_FILE)
+
+
+def pending_switch(output: str) -> dict[str, str] | None:
+    """The switch of generations a killed run or gc left unfinished, if any."""
+    try:
+        return store.read_json(switch_record(output))
+    except FileNotFoundError:
+        return None
+
+
+def finish_switch(output: str) -> dict[str, str] | None:
+    """Carries out the switch of generations written down in the switch record, if there is one: the
+    current generation's files move to its archive, then the new config's archived files (if any) to
+    the top. A move of files already moved is a no-op, and the record names the phase reached, so
+    finishing again after a kill anywhere in here ends in the same folders. The switch finished, if any."""
+    switch = pending_switch(output)
+    if switch is None:
+        return None
+    archive, own = (store.join(output, GENERATIONS_DIR, switch[key]) for key in ("archive", "current"))
+    if switch["phase"] == "archive":
+        for name in GENERATION_FILES:
+            store.move_tree(store.join(output, name), store.join(archive, name))
+        store.write_json(switch_record(output), {**switch, "phase": "restore"})
     for name in GENERATION_FILES:
         store.move_tree(store.join(own, name), store.join(output, name))
     store.remove_folder(own)
-    log.info("%s: config %s; the generation of config %s moved to %s", output, fingerprint, old, archive)
-    return old
+    store.delete_file(switch_record(output))
+    return switch
 
 
 def collect_garbage(output: str, *, force_unlock: bool = False) -> dict[str, int]:
     """Removes the archived generations, and the stage-store folders that none of the current generation's
     stages use (`manifest.json`'s `checkpoints`), under the output's lease. Files removed, by kind."""
     manifest = current_manifest(output)
-    if manifest is None:
+    if manifest is None and pending_switch(output) is None:
         raise NotARunFolderError(f"{output}: no {store.MANIFEST}; not a run folder of `synthalign generate`")
-    keep = {stage_folder(output, name, entry["fingerprint"]) for name, entry in manifest.get("checkpoints", {}).items()}
-    stale_seconds = manifest.get("config", {}).get("resources", {}).get("lock_stale_seconds", 300)
-    removed = {"generations": 0, "stage_entries": 0}
+    stale_seconds = (manifest or {}).get("config", {}).get("resources", {}).get("lock_stale_seconds", 300)
     with output_lease(output, stale_seconds=stale_seconds, force=force_unlock):
-        removed["generations"] = count_files(store.join(output, GENERATIONS_DIR))
-        store.remove_folder(store.join(output, GENERATIONS_DIR))
-        for stage in store.list_folders(store.join(output, STAGES_DIR)):
-            for folder in store.list_folders(stage):
-                if folder not in keep:
-                    removed["stage_entries"] += count_files(folder)
-                    store.remove_folder(folder)
+        finish_switch(output)
+        manifest = current_manifest(output)
+        if manifest is None:
+            raise NotARunFolderError(f"{output}: no {store.MANIFEST} after its last switch of configs; run `synthalign generate` again before gc")
+        return remove_unused(output, manifest)
+
+
+def remove_unused(output: str, manifest: dict[str, Any]) -> dict[str, int]:
+    keep = {stage_folder(output, name, entry["fingerprint"]) for name, entry in manifest.get("checkpoints", {}).items()}
+    removed = {"generations": count_files(store.join(output, GENERATIONS_DIR)), "stage_entries": 0}
+    store.remove_folder(store.join(output, GENERATIONS_DIR))
+    for stage in store.list_folders(store.join(output, STAGES_DIR)):
+        for folder in store.list_folders(stage):
+            if folder not in keep:
+                removed["stage_entries"] += count_files(folder)
+                store.remove_folder(folder)
     return removed
 
 

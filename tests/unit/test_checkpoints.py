@@ -154,6 +154,69 @@ def test_another_config_moves_the_generation_aside_and_its_own_comes_back(tmp_pa
     assert sorted(p.name for p in (tmp_path / GENERATIONS_DIR).iterdir()) == ["bbbb"]
 
 
+class Killed(BaseException):
+    """The driver killed between two steps of a switch of generations."""
+
+
+def two_generations(tmp_path):
+    """Config aaaa's generation current, with a report, and config bbbb's archived."""
+    output = str(tmp_path)
+    write_generation(output, "bbbb", ["b"])
+    start_generation(output, "aaaa", overwrite=False)
+    write_generation(output, "aaaa", ["a"])
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("aaaa")
+    return output
+
+
+def files(tmp_path):
+    return {str(path.relative_to(tmp_path)): path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+
+def killed_after(monkeypatch, steps, action):
+    """Runs `action` with the store's writing steps counted; the driver dies before step `steps` (if any)."""
+    done = []
+
+    def counted(name, step):
+        def wrapper(*args, **kwargs):
+            if len(done) == steps:
+                raise Killed(name)
+            done.append(name)
+            return step(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in ("move_tree", "write_json", "remove_folder", "delete_file"):
+            patch.setattr(store, name, counted(name, getattr(store, name)))
+        try:
+            action()
+        except Killed:
+            pass
+    return len(done)
+
+
+def test_a_switch_of_generations_killed_at_any_step_is_finished_by_the_next_run_or_gc(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    two_generations(reference)
+    steps = killed_after(monkeypatch, None, lambda: start_generation(str(reference), "bbbb", overwrite=False))
+    switched = files(reference)
+    assert store.read_json(str(reference / "manifest.json"))["config_fingerprint"] == "bbbb"
+    assert switched["generations/aaaa/report/index.html"] == b"aaaa" and "generations/switch.json" not in switched
+    for step in range(steps):
+        output = tmp_path / str(step)
+        two_generations(output)
+        killed_after(monkeypatch, step, lambda: start_generation(str(output), "bbbb", overwrite=False))
+        assert start_generation(str(output), "bbbb", overwrite=False) == "aaaa", step
+        assert files(output) == switched, step
+    # gc, too, finishes a switch before it reads the current generation: else it would remove the half of
+    # the current one that had already moved to generations/.
+    two_generations(tmp_path / "gc")
+    killed_after(monkeypatch, 3, lambda: start_generation(str(tmp_path / "gc"), "bbbb", overwrite=False))
+    assert collect_garbage(str(tmp_path / "gc")) == {"generations": 3, "stage_entries": 0}
+    assert store.committed_ids(str(tmp_path / "gc")) == store.IdSet.of(["b"])
+
+
 def test_gc_keeps_the_current_generation_and_the_stage_folders_it_uses(tmp_path, tiny):
     stages, fps = tiny
     output = str(tmp_path)
