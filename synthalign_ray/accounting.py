@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from synthalign_ray import store
-from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK
+from synthalign_ray.base import STATUS_DROPPED, STATUS_FAILED, STATUS_OK, with_failures
 from synthalign_ray.ids import IdSet, digests
 from synthalign_ray.stages.prompts import INPUT_SCHEMA, PromptCheck
 
@@ -56,20 +56,12 @@ def failure_report(counts: dict[str, Any], failures: dict[str, dict[str, Any]], 
 def lost_rows(prompts, written: IdSet | store.Outcomes, denied: Mapping[str, str] | None = None):
     """The rows of `prompts` (a block of the pipeline's input) with no shard in the output, as failed rows: by
     `write` with the error of a row in `denied` (id -> message), else as lost with their block."""
-    import pyarrow as pa
-
     denied = denied or {}
     prompts = prompts.select(INPUT_SCHEMA.names)  # without a group's `checkpoint:` columns
     lost = prompts.filter(~written.contains(digests(prompts["id"].to_pylist())))
-    ids = lost["id"].to_pylist()
-    columns = {
-        "status": [STATUS_FAILED] * len(ids),
-        "failed_stage": [WRITE_STAGE if i in denied else LOST_STAGE for i in ids],
-        "error": [denied.get(i, LOST_ERROR) for i in ids],
-    }
-    for name, values in columns.items():
-        lost = lost.set_column(lost.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    return lost
+    ids = dict(enumerate(lost["id"].to_pylist()))
+    errors = {n: denied.get(row_id, LOST_ERROR) for n, row_id in ids.items()}
+    return with_failures(lost, errors, {n: WRITE_STAGE if row_id in denied else LOST_STAGE for n, row_id in ids.items()})
 
 
 def record_lost_rows(output: str, prompts_uris: list[str], written: store.Outcomes, denied: Mapping[str, list[str]]) -> int:

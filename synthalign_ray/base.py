@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +23,27 @@ STATUS_OK = "ok"  # still in the running: later stages process it
 STATUS_DROPPED = "dropped"  # filtered out on purpose, with a `drop_reason` (no instruction, tie, ...)
 STATUS_FAILED = "failed"  # a stage raised on it, even after retries: `error` and `failed_stage` say why
 SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
+
+
+
+def with_cells(table, cells: Mapping[str, Mapping[int, str]]):
+    """A pyarrow table with string columns (`status`, `failed_stage`, `error`, `drop_reason`) set at some
+    rows: column -> {row number: value}."""
+    import pyarrow as pa
+
+    for name, rows in cells.items():
+        if rows:
+            values = table[name].to_pylist()
+            for i, value in rows.items():
+                values[i] = value
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
+def with_failures(table, errors: Mapping[int, str], stages: Mapping[int, str]):
+    """A pyarrow table with the rows in `errors` failed: that error, at the stage in `stages`."""
+    return with_cells(table, {"status": dict.fromkeys(errors, STATUS_FAILED), "error": errors, "failed_stage": stages})
+
 
 # Chaos testing of the real retry and isolation paths (like Ray's own RAY_testing_* variables):
 # "images:art-0001,response_scores:x" makes stage `images` raise on row art-0001, and so on.

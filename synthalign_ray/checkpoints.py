@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from pydantic_core import to_jsonable_python
 
 from synthalign_ray import store
-from synthalign_ray.base import STATUS_FAILED, STATUS_OK
+from synthalign_ray.base import STATUS_OK, with_failures
 from synthalign_ray.engines.vllm_engine import block_task, labelled
 from synthalign_ray.ids import row_keys
 from synthalign_ray.stages.graph import Stage
@@ -175,18 +175,8 @@ class RestoreEntries:
                 values = [(b or []) + (v or []) for b, v in zip(before, values)]
             array = pa.array(values, type_)
             table = table.set_column(at, name, array) if at >= 0 else table.append_column(pa.field(name, type_), array)
-        return fail_rows(table, missing, self.stage, f"CheckpointMissing: the {self.stage} entry of this row is gone from {self.folder}; a rerun computes it")
-
-
-def fail_rows(table: pa.Table, rows: list[int], stage: str, error: str) -> pa.Table:
-    if not rows:
-        return table
-    for name, value in (("status", STATUS_FAILED), ("failed_stage", stage), ("error", error)):
-        values = table[name].to_pylist()
-        for i in rows:
-            values[i] = value
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    return table
+        error = f"CheckpointMissing: the {self.stage} entry of this row is gone from {self.folder}; a rerun computes it"
+        return with_failures(table, dict.fromkeys(missing, error), dict.fromkeys(missing, self.stage))
 
 
 # --- planning a run ---------------------------------------------------------------------------------
@@ -203,14 +193,16 @@ class Group:
 
 @dataclass
 class Plan:
+    output: str
+    fingerprints: dict[str, str]
     groups: list[Group]
     # Per committed stage: its fingerprint, and the rows to do that run it ("computed") or take it from
     # the store ("reused").
     stages: dict[str, dict[str, Any]]
     schemas: dict[str, pa.Schema]
 
-    def commits(self, output: str, fingerprints: dict[str, str], group: Group) -> StageCommits:
-        return StageCommits(output, fingerprints, group.restored, {name: self.schemas[name] for name in group.restored})
+    def commits(self, group: Group) -> StageCommits:
+        return StageCommits(self.output, self.fingerprints, group.restored, {name: self.schemas[name] for name in group.restored})
 
 
 @dataclass
@@ -234,6 +226,17 @@ def locate_entries(output: str, stages: list[Stage], fingerprints: dict[str, str
         shards.append(StageShards(index.shards, index.schema))
         del index
     return shard_of, shards
+
+
+def todo_keys(tables: Iterable[pa.Table]) -> np.ndarray:
+    """The row keys of the rows of `tables`, in order."""
+    return np.concatenate([keys_of(table) for table in tables] or [np.empty(0, "S16")])
+
+
+def reuse_counts(output: str, stages: list[Stage], fingerprints: dict[str, str], todo: Iterable[pa.Table]) -> dict[str, dict[str, Any]]:
+    """`plan_todo`'s per-stage counts for the rows of `todo`, with nothing written (`generate --dry-run`)."""
+    shard_of, _ = locate_entries(output, stages, fingerprints, todo_keys(todo))
+    return stage_counts(stages, fingerprints, shard_of)
 
 
 def stage_counts(stages: list[Stage], fingerprints: dict[str, str], shard_of: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -265,13 +268,11 @@ def plan_todo(
         uri = store.join(folder, "0.arrow")
         rows = store.write_blocks(uri, todo_tables(), schema, rows_per_block)
         counts = {stage.name: {"fingerprint": fingerprints[stage.name], "computed": rows, "reused": 0} for stage in committed}
-        return Plan([Group((), uri, rows)] if rows else [], counts, {})
-    keys = np.concatenate([keys_of(table) for table in todo_tables()] or [np.empty(0, "S16")])
-    shard_of, shards = locate_entries(output, stages, fingerprints, keys)
-    del keys
+        return Plan(output, fingerprints, [Group((), uri, rows)] if rows else [], counts, {})
+    shard_of, shards = locate_entries(output, stages, fingerprints, todo_keys(todo_tables()))
     counts = stage_counts(stages, fingerprints, shard_of)
     if not len(shard_of):
-        return Plan([], counts, {})
+        return Plan(output, fingerprints, [], counts, {})
     # Each row's restored stages as the bits of one integer: np.unique over them, not over rows of bools.
     masks, group_of = np.unique((shard_of >= 0) @ (1 << np.arange(len(committed), dtype=np.int64)), return_inverse=True)
     groups = []
@@ -282,7 +283,7 @@ def plan_todo(
         tables = _group_tables(todo_tables(), group_of == number, shard_of, shards, restored, fields)
         rows = store.write_blocks(uri, tables, pa.schema([*schema, *fields]), rows_per_block)
         groups.append(Group(tuple(stage.name for _, stage in restored), uri, rows))
-    return Plan(groups, counts, {stage.name: stage_shards.schema for stage, stage_shards in zip(committed, shards) if stage_shards.schema is not None})
+    return Plan(output, fingerprints, groups, counts, {stage.name: stage_shards.schema for stage, stage_shards in zip(committed, shards) if stage_shards.schema is not None})
 
 
 def _group_tables(tables: Iterable[pa.Table], in_group: np.ndarray, shard_of, shards, restored, fields) -> Iterator[pa.Table]:

@@ -81,8 +81,8 @@ def model_refs(cfg: SynthAlignConfig) -> dict[str, str]:
     for i, model in enumerate(cfg.responses.models):
         refs[f"responses.models.{i}.model"] = model.model
     refs["response_scores.model"] = cfg.response_scores.model
-    for field, chat in cfg.chat_models().items():
-        refs[field] = chat.model if chat.backend == "vllm" else f"{chat.base_url} ({chat.model})"
+    for name, chat in cfg.chat_models().items():
+        refs[name] = chat.model if chat.backend == "vllm" else f"{chat.base_url} ({chat.model})"
     return refs
 
 
@@ -177,7 +177,11 @@ def run_leased(
         output, cfg.resources.shared_filesystem, label="--output", shared_field="resources.shared_filesystem", written="shards"
     )
 
-    waves = [(group, wave) for group in plan.groups for wave in store.BlockFileDatasource(group.uri).waves(cfg.resources.blocks_per_wave)]
+    waves = [
+        (number, group, wave)
+        for number, group in enumerate(plan.groups)
+        for wave in store.BlockFileDatasource(group.uri).waves(cfg.resources.blocks_per_wave)
+    ]
     this_run, denied, executions = store.empty_counts(), {}, []
     runs_by_group: list[list[dict[str, Any]]] = [[] for _ in plan.groups]
     if waves:
@@ -185,14 +189,14 @@ def run_leased(
         context = ray.data.DataContext.get_current()
         configure_data_context(context, cfg.resources)
         attempts = start_batch_attempts()  # held: a named actor lives while its handle does
-        for number, (group, wave) in enumerate(waves, start=1):
+        for number, (group_number, group, wave) in enumerate(waves, start=1):
             if len(waves) > 1:
                 log.info("wave %d of %d: %d blocks", number, len(waves), len(wave.blocks))
-            result = run_in_wave_process(cfg, wave, output, context, build, plan.commits(output, fingerprints, group))
+            result = run_in_wave_process(cfg, wave, output, context, build, plan.commits(group))
             store.add_counts(this_run, result.counts)
             store.add_denied(denied, result.denied)
             executions.append(result)
-            runs_by_group[plan.groups.index(group)].append(result.stats)
+            runs_by_group[group_number].append(result.stats)
         ray.kill(attempts)
     outcomes = store.output_counts(output, check.ids)
     if todo and record_lost_rows(output, [group.uri for group in plan.groups], outcomes, denied):
@@ -263,15 +267,11 @@ class DryRun:
 def dry_run(cfg: SynthAlignConfig, output: str) -> DryRun:
     """What `generate` would do on `output` without doing it (nothing is written): which generation it
     makes current, how many rows are done, and per committed stage the rows it would compute and reuse."""
-    import numpy as np
-
     check = check_prompts(cfg.prompts)
     fingerprint = config_fingerprint(cfg)
     folder = generation_folder(output, fingerprint)
     done = store.committed_ids(folder)
     generation = "current" if folder == output else "archived" if len(done) else "new"
-    keys = np.concatenate([checkpoints.keys_of(table) for table in todo_rows(cfg, check, done)] or [np.empty(0, "S16")])
     stages = graph.build(cfg)
-    fingerprints = checkpoints.fingerprints(stages, cfg.seed)
-    shard_of, _ = checkpoints.locate_entries(output, stages, fingerprints, keys)
-    return DryRun(check.rows, len(done), generation, checkpoints.stage_counts(stages, fingerprints, shard_of))
+    counts = checkpoints.reuse_counts(output, stages, checkpoints.fingerprints(stages, cfg.seed), todo_rows(cfg, check, done))
+    return DryRun(check.rows, len(done), generation, counts)

@@ -19,12 +19,13 @@ from pydantic import Field
 from synthalign_ray.base import (
     CRASHES_ENV,
     STATUS_DROPPED,
-    STATUS_FAILED,
     STATUS_OK,
     InjectedFault,
     ReplicasConfig,
     injected_delay,
     injected_faults,
+    with_cells,
+    with_failures,
 )
 
 log = logging.getLogger(__name__)
@@ -249,12 +250,5 @@ class RowStage:
             table = table.append_column(field, pa.array(values, type=field.type))
         drops = {i: result[_DROP_REASON] for i, result in results.items() if _DROP_REASON in result}
         errors = {**errors, **{i: result[_FAILURE] for i, result in results.items() if _FAILURE in result}}
-        if errors or drops:
-            columns = {name: table.column(name).to_pylist() for name in ("status", "error", "failed_stage", "drop_reason")}
-            for i, message in errors.items():
-                columns["status"][i], columns["error"][i], columns["failed_stage"][i] = STATUS_FAILED, message, self.name
-            for i, reason in drops.items():
-                columns["status"][i], columns["drop_reason"][i] = STATUS_DROPPED, reason
-            for name, values in columns.items():
-                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-        return table
+        table = with_failures(table, errors, dict.fromkeys(errors, self.name))
+        return with_cells(table, {"status": dict.fromkeys(drops, STATUS_DROPPED), "drop_reason": drops})

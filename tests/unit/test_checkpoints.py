@@ -101,7 +101,7 @@ def test_an_answerers_entries_are_its_own_answers_of_rows_ok_after_it_and_restor
     assert block["id"].to_pylist() == ["a", "b"]
     # The first answerer ran in this group: the restored answers go after its own.
     block = block.append_column("responses", pa.array([answers("llava-1.5")] * 2, RESPONSES_TYPE))
-    commits = plan.commits(output, fps, group)
+    commits = plan.commits(group)
     restore = checkpoints.RestoreEntries("responses[llava-next]", ("responses",), "llava-next", commits.folder("responses[llava-next]"), commits.schemas["responses[llava-next]"])
     restored = restore(block)
     assert restored.schema == done.schema
@@ -116,7 +116,7 @@ def test_a_row_whose_entry_is_gone_fails_naming_the_stage(tmp_path, tiny):
     plan = checkpoints.plan_todo(output, stages, fps, lambda: [prompts(["a", "b"])], INPUT_SCHEMA, rows_per_block=2)
     (group,) = plan.groups
     block = pa.concat_tables(store.read_blocks(group.uri))
-    folder = plan.commits(output, fps, group).folder("responses[llava-next]")
+    folder = plan.commits(group).folder("responses[llava-next]")
     # Another prompt text under the same id is another row: its entry no longer matches.
     block = block.set_column(block.schema.get_field_index("t2i_prompt"), "t2i_prompt", pa.array(["a red fox a", "edited"]))
     restored = checkpoints.RestoreEntries("responses[llava-next]", ("responses",), "llava-next", folder, plan.schemas["responses[llava-next]"])(block)
@@ -244,7 +244,7 @@ def test_keys_ending_in_zero_bytes_commit_and_restore(tmp_path, tiny):
     plan = checkpoints.plan_todo(str(tmp_path), stages, fps, lambda: [prompts(ids)], INPUT_SCHEMA, rows_per_block=3)
     (group,) = plan.groups
     assert group.restored == ("responses[llava-next]",)
-    folder = plan.commits(str(tmp_path), fps, group).folder("responses[llava-next]")
+    folder = plan.commits(group).folder("responses[llava-next]")
     block = pa.concat_tables(store.read_blocks(group.uri))
     restored = checkpoints.RestoreEntries("responses[llava-next]", ("responses",), "llava-next", folder, plan.schemas["responses[llava-next]"])(block)
     assert restored["status"].to_pylist() == ["ok"] * 3 and restored["responses"].to_pylist() == [answers("llava-next")] * 3
