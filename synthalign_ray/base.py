@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -23,7 +23,6 @@ STATUS_OK = "ok"  # still in the running: later stages process it
 STATUS_DROPPED = "dropped"  # filtered out on purpose, with a `drop_reason` (no instruction, tie, ...)
 STATUS_FAILED = "failed"  # a stage raised on it, even after retries: `error` and `failed_stage` say why
 SEED_MODULUS = 2**31  # torch.Generator accepts 64 bits; 31 keeps seeds portable to numpy and JSON readers
-
 
 
 def with_cells(table, cells: Mapping[str, Mapping[int, str]]):

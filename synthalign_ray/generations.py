@@ -69,8 +69,9 @@ def start_generation(output: str, fingerprint: str, overwrite: bool) -> str | No
     if previous is None or previous.get("config_fingerprint") == fingerprint:
         return finished["archive"] if finished and finished["current"] == fingerprint else None
     old = previous.get("config_fingerprint")
-    store.write_json(switch_record(output), {"archive": old, "current": fingerprint, "phase": "archive"})
-    finish_switch(output)
+    switch = {"archive": old, "current": fingerprint, "phase": "archive"}
+    store.write_json(switch_record(output), switch)
+    carry_out(output, switch)
     log.info("%s: config %s; the generation of config %s moved to %s", output, fingerprint, old, store.join(output, GENERATIONS_DIR, old))
     return old
 
@@ -93,8 +94,13 @@ def finish_switch(output: str) -> dict[str, str] | None:
     the top. A move of files already moved is a no-op, and the record names the phase reached, so
     finishing again after a kill anywhere in here ends in the same folders. The switch finished, if any."""
     switch = pending_switch(output)
-    if switch is None:
-        return None
+    if switch is not None:
+        carry_out(output, switch)
+    return switch
+
+
+def carry_out(output: str, switch: dict[str, str]) -> None:
+    """The moves of a switch of generations from the phase it names, then its record removed."""
     archive, own = (store.join(output, GENERATIONS_DIR, switch[key]) for key in ("archive", "current"))
     if switch["phase"] == "archive":
         for name in GENERATION_FILES:
@@ -104,7 +110,6 @@ def finish_switch(output: str) -> dict[str, str] | None:
         store.move_tree(store.join(own, name), store.join(output, name))
     store.remove_folder(own)
     store.delete_file(switch_record(output))
-    return switch
 
 
 def collect_garbage(output: str, *, force_unlock: bool = False) -> dict[str, int]:
